@@ -1,0 +1,3 @@
+from unimodality.cli import main
+
+main()

@@ -1,0 +1,102 @@
+"""Config form of objects: ``{"class_path": ..., "init_args": ...}``, as jsonargparse writes it.
+
+Checkpoints store hyperparameters in this form so they load with ``weights_only=True`` and rebuild the
+model with no config at hand, whether the model came from the CLI or was built in Python.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from typing import Any
+
+_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
+
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class RecordsInitArgs:
+    """Mixin that remembers the arguments an object was built with, so it can be written as config."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" not in cls.__dict__:
+            return
+        init = cls.__init__
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self, *args: Any, **kw: Any) -> None:
+            if "_init_config" not in self.__dict__:  # the outermost subclass records, its bases don't
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                arguments = dict(list(bound.arguments.items())[1:])
+                # jsonargparse's lazy_instance defaults are dynamic subclasses: record the real class
+                real = next(c for c in type(self).__mro__ if not c.__module__.startswith("jsonargparse"))
+                self.__dict__["_init_config"] = {"class_path": class_path(real), "init_args": arguments}
+            init(self, *args, **kw)
+
+        cls.__init__ = recording_init
+
+
+def config_form(value: Any) -> Any:
+    """Turn objects (classes, partials, objects that record their init args) into plain config data."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {key: config_form(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [config_form(item) for item in value]
+    if isinstance(value, type):
+        return {"class_path": class_path(value)}
+    if isinstance(value, functools.partial):
+        # jsonargparse's callables are partial(<helper>, <helper>, cls, **init_args)
+        classes = [arg for arg in (value.func, *value.args) if isinstance(arg, type)]
+        if classes:
+            return {"class_path": class_path(classes[-1]), "init_args": config_form(dict(value.keywords))}
+    if "_init_config" in getattr(value, "__dict__", {}):
+        return config_form(value.__dict__["_init_config"])
+    raise TypeError(
+        f"cannot store {value!r} ({type(value).__name__}) as a hyperparameter: pass a class, a "
+        "functools.partial of a class, or an object whose class derives from a unimodality base"
+    )
+
+
+def is_plain(value: Any) -> bool:
+    """True when ``value`` is already config data (no objects)."""
+    try:
+        return config_form(value) == value
+    except TypeError:
+        return False
+
+
+class ConfigHyperparameters:
+    """Mixin for LightningModules/DataModules: ``save_hyperparameters()`` keeps config data, not objects.
+
+    From the CLI, Lightning already hands over the parsed config. Built in Python, the objects are turned
+    into config data here, and Lightning is told to rebuild them with jsonargparse on load, exactly as for
+    a CLI-built model. After such a load ``__init__`` saw objects again, so the stored config is put back
+    (``restore_config_hparams``): the next save is again loadable with ``weights_only=True``.
+    """
+
+    def save_hyperparameters(self, *args: Any, frame: Any = None, **kwargs: Any) -> None:
+        super().save_hyperparameters(*args, frame=frame or inspect.currentframe().f_back, **kwargs)
+        hparams = dict(self.hparams)
+        if not is_plain(hparams):
+            hparams = config_form(hparams)
+            hparams["_class_path"] = class_path(type(self))
+            hparams["_instantiator"] = _INSTANTIATOR
+        self.set_config_hparams(hparams)
+
+    def set_config_hparams(self, hparams: dict[str, Any]) -> None:
+        self.hparams.clear()
+        self.hparams.update(hparams)
+        self._hparams_initial = copy.deepcopy(self.hparams)
+
+    def restore_config_hparams(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if stored:
+            self.set_config_hparams(dict(stored))

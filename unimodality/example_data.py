@@ -1,0 +1,143 @@
+"""Bundled example data: a small paired transcriptomics + phenomics dataset generated from a seed.
+
+Perturbations are (compound SMILES, concentration) pairs. Each compound is built from three fragments
+(chain, ring, substituent); its latent effect is the sum of fragment effects plus a compound-specific
+part, scaled and shifted by the dose. Both modalities are noisy readouts of that shared latent, measured
+on independent replicates, so cross-modal retrieval is learnable but not trivial. Nothing is downloaded:
+the files are generated on first use (``example://`` paths in configs) or by
+``unimodality example-data --out DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SCHEME = "example://"
+VERSION = "v1"
+FILES = ("transcriptomics.h5ad", "phenomics.parquet")
+
+_CHAINS = ["C", "CC", "CCC", "CCCC", "CC(C)", "CC(C)C", "OCC", "NCC"]
+_RINGS = ["c1ccccc1", "c1ccncc1", "C1CCCCC1", "c1ccoc1", "c1ccsc1"]
+_TAILS = ["O", "N", "C(=O)O", "Cl", "F", "C#N"]
+
+
+def data_dir() -> Path:
+    """Where example data lives: ``$UNIMODALITY_DATA_DIR`` or ``~/.cache/unimodality/example-<version>``."""
+    root = os.environ.get("UNIMODALITY_DATA_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "unimodality"
+    return base / f"example-{VERSION}"
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Map ``example://<file>`` to the generated file (creating it on first use); other paths unchanged."""
+    text = str(path)
+    if not text.startswith(SCHEME):
+        return Path(text).expanduser()
+    name = text[len(SCHEME):]
+    if name not in FILES:
+        raise FileNotFoundError(f"{text}: the example data has no such file; it has {', '.join(FILES)}")
+    folder = data_dir()
+    if not all((folder / f).is_file() for f in FILES):
+        make_example_data(folder)
+    return folder / name
+
+
+def make_example_data(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    n_compounds: int = 200,
+    concentrations: tuple[float, ...] = (1.0, 10.0),
+    n_genes: int = 500,
+    n_features: int = 128,
+    latent_dim: int = 16,
+    replicates: tuple[int, int] = (3, 7),
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> dict[str, Path]:
+    """Write ``transcriptomics.h5ad`` (CSR counts) and ``phenomics.parquet`` into ``out_dir``.
+
+    Files are written under temporary names and renamed, so concurrent callers (several DDP ranks) and
+    interrupted runs never leave a half-written file behind.
+    """
+    import anndata as ad
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # compounds from fragments; fragment effects give molecules a learnable relation to the latent
+    combos = [(c, r, t) for c in range(len(_CHAINS)) for r in range(len(_RINGS)) for t in range(len(_TAILS))]
+    if n_compounds > len(combos):
+        raise ValueError(f"at most {len(combos)} example compounds, asked for {n_compounds}")
+    chosen = [combos[i] for i in rng.choice(len(combos), n_compounds, replace=False)]
+    smiles = [_CHAINS[c] + _RINGS[r] + _TAILS[t] for c, r, t in chosen]
+    fragment_effects = [rng.normal(size=(len(f), latent_dim)) for f in (_CHAINS, _RINGS, _TAILS)]
+    compound_latent = np.stack(
+        [sum(e[i] for e, i in zip(fragment_effects, combo)) for combo in chosen]
+    ) / np.sqrt(3) + 0.7 * rng.normal(size=(n_compounds, latent_dim))
+    dose_direction = rng.normal(size=latent_dim)
+    log_doses = np.log10(concentrations)
+    dose_scale = 0.6 + 0.4 * (log_doses - log_doses.min()) / max(np.ptp(log_doses), 1e-9)
+
+    keys = [(s, float(c)) for s in smiles for c in concentrations]
+    latent = np.stack(
+        [compound_latent[i] * dose_scale[j] + 0.5 * dose_scale[j] * dose_direction
+         for i in range(n_compounds) for j in range(len(concentrations))]
+    )
+    order = rng.permutation(len(keys))
+    n_train = int(round(split_fractions[0] * len(keys)))
+    n_val = int(round(split_fractions[1] * len(keys)))
+    split = np.empty(len(keys), dtype=object)
+    split[order[:n_train]] = "train"
+    split[order[n_train:n_train + n_val]] = "val"
+    split[order[n_train + n_val:]] = "test"
+
+    def metadata(counts: np.ndarray, prefix: str) -> pd.DataFrame:
+        key_index = np.repeat(np.arange(len(keys)), counts)
+        replicate = np.concatenate([np.arange(n) for n in counts])
+        return pd.DataFrame(
+            {
+                "smiles": [keys[k][0] for k in key_index],
+                "concentration": [keys[k][1] for k in key_index],
+                "split": split[key_index],
+                "replicate": replicate,
+            },
+            index=[f"{prefix}{i:05d}" for i in range(len(key_index))],
+        ), key_index
+
+    # transcriptomics: Poisson counts from a softmax over genes; each gene responds to ~3 latent factors
+    tx_meta, tx_keys = metadata(rng.integers(replicates[0], replicates[1] + 1, len(keys)), "tx")
+    loadings = rng.normal(size=(n_genes, latent_dim)) * (rng.random((n_genes, latent_dim)) < 3 / latent_dim)
+    baseline = rng.normal(-1.0, 1.0, n_genes)
+    logits = baseline + 0.45 * latent[tx_keys] @ loadings.T + rng.normal(0, 0.3, (len(tx_keys), n_genes))
+    rates = np.exp(logits - logits.max(axis=1, keepdims=True))
+    rates /= rates.sum(axis=1, keepdims=True)
+    library = rng.lognormal(np.log(3000), 0.3, len(tx_keys))
+    counts = rng.poisson(rates * library[:, None]).astype(np.float32)
+    tx = ad.AnnData(X=sp.csr_matrix(counts), obs=tx_meta)
+    tx.var_names = [f"GENE{i:04d}" for i in range(n_genes)]
+
+    # phenomics: a non-linear readout of the same latent plus well noise, standardised per feature
+    ph_meta, ph_keys = metadata(rng.integers(replicates[0], replicates[1] + 1, len(keys)), "ph")
+    readout = rng.normal(size=(latent_dim, n_features)) / np.sqrt(latent_dim)
+    features = np.tanh(latent[ph_keys] @ readout) + rng.normal(0, 0.6, (len(ph_keys), n_features))
+    features = (features - features.mean(0)) / features.std(0)
+    ph_meta["well"] = ph_meta.index
+    table = pa.Table.from_pandas(ph_meta.reset_index(drop=True), preserve_index=False)
+    for i in range(n_features):
+        table = table.append_column(f"feat_{i:03d}", pa.array(features[:, i].astype(np.float32)))
+
+    paths = {"transcriptomics.h5ad": out / "transcriptomics.h5ad", "phenomics.parquet": out / "phenomics.parquet"}
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tx.write_h5ad(Path(tmp) / "transcriptomics.h5ad")
+        pq.write_table(table, Path(tmp) / "phenomics.parquet")
+        for name, path in paths.items():
+            os.replace(Path(tmp) / name, path)
+    return paths

@@ -1,0 +1,51 @@
+"""Cross-modal retrieval metrics."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+
+class CrossModalRecall(Metric):
+    """Recall@k of cross-modal retrieval in both directions, with replicates as positives.
+
+    Every embedding of one modality queries all embeddings of the other; a query is a hit at ``k`` when a
+    candidate of the same perturbation (``group``) ranks among the ``k`` most similar. States are
+    concatenated across processes, so the value is the one of the whole evaluation set.
+    """
+
+    full_state_update = False
+
+    def __init__(self, ks: tuple[int, ...] = (1, 5, 10), chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.ks = tuple(ks)
+        self.chunk_size = chunk_size
+        self.add_state("a", default=[], dist_reduce_fx="cat")
+        self.add_state("b", default=[], dist_reduce_fx="cat")
+        self.add_state("group", default=[], dist_reduce_fx="cat")
+
+    def update(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor) -> None:
+        self.a.append(a.detach().float())
+        self.b.append(b.detach().float())
+        self.group.append(group.detach())
+
+    def _recall(self, queries: torch.Tensor, candidates: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        hits = []
+        for start in range(0, len(queries), self.chunk_size):
+            sim = queries[start:start + self.chunk_size] @ candidates.T
+            positive = group[start:start + self.chunk_size, None] == group[None, :]
+            best_positive = sim.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+            # rank of the best positive = candidates scoring strictly higher (ties count in its favour)
+            rank = (sim > best_positive).sum(dim=1)
+            hits.append(torch.stack([rank < k for k in self.ks], dim=1))
+        return torch.cat(hits).float().mean(dim=0)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        a, b, group = dim_zero_cat(self.a), dim_zero_cat(self.b), dim_zero_cat(self.group)
+        forward = self._recall(a, b, group)
+        backward = self._recall(b, a, group)
+        return {
+            **{f"recall@{k}/forward": forward[i] for i, k in enumerate(self.ks)},
+            **{f"recall@{k}/backward": backward[i] for i, k in enumerate(self.ks)},
+        }

@@ -1,0 +1,137 @@
+"""Embedding new data of one modality with a trained model (the data of ``unimodality predict``)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from unimodality.datamodule import INDEX, DataModule, collate_batch, take_rows
+from unimodality.example_data import resolve_path
+from unimodality.outputs import check_output_path, write_embeddings
+from unimodality.sources import Matrix, ModalitySource, source_for
+
+log = logging.getLogger(__name__)
+
+
+class EmbedDataset(Dataset):
+    """Rows of one modality with their row number in the input file."""
+
+    def __init__(self, modality: str, features: Matrix, rows: np.ndarray) -> None:
+        self.modality = modality
+        self.features = features
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        indices = np.asarray(indices)
+        return {self.modality: take_rows(self.features, indices), INDEX: torch.from_numpy(self.rows[indices])}
+
+
+class EmbedDataModule(DataModule):
+    """One file of one modality, read the way the model's training data was read.
+
+    The model's checkpoint records, per modality, how its files were read (source class and settings)
+    and the feature names it was trained on. Features are aligned by name: another column order or a
+    subset works; features the file lacks are zero-filled (with a warning counting them), and a file
+    sharing no feature with the model is an error.
+
+    Args:
+        path: the file to embed (``.h5ad`` or a table).
+        modality: which tower embeds it; by default the only modality whose training files had this
+            file's type.
+        output: where to write the embeddings: ``.h5ad`` (a copy of the input with
+            ``obsm["X_unimodality"]``) or ``.parquet`` (metadata + embedding columns). Default:
+            ``<input name>_embeddings.h5ad|.parquet`` in the working directory.
+        n_samples: embed only the first ``n_samples`` rows (a quick look at a large file).
+        batch_size: rows per forward pass.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        modality: str | None = None,
+        output: str | None = None,
+        n_samples: int | None = None,
+        batch_size: int = 512,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if n_samples is not None and n_samples < 1:
+            raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+        self.path = path
+        self.modality = modality
+        self.n_samples = n_samples
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        file = resolve_path(path)
+        if output is None:
+            suffix = ".h5ad" if file.name.endswith(".h5ad") else ".parquet"
+            stem = file.name.split(".")[0]
+            output = str(Path.cwd() / f"{stem}_embeddings{suffix}")
+        self.output = check_output_path(output)
+        self.written: Path | None = None
+        self.dataset: EmbedDataset | None = None
+        self.source: ModalitySource | None = None
+
+    @property
+    def schema(self) -> dict[str, dict[str, Any]]:
+        raise RuntimeError("EmbedDataModule reads data for a trained model; it cannot define a new model")
+
+    def _choose(self, schema: dict[str, dict[str, Any]]) -> str:
+        if self.modality is not None:
+            if self.modality not in schema:
+                raise ValueError(f"data.modality={self.modality!r}: the model has towers {sorted(schema)}")
+            return self.modality
+        reader = source_for(self.path)
+        matches = [name for name, entry in schema.items() if entry["class_path"].endswith(reader.__name__)]
+        if len(matches) != 1:
+            raise ValueError(
+                f"{self.path}: cannot tell which tower embeds it (model towers: "
+                f"{ {n: e['class_path'].rsplit('.', 1)[-1] for n, e in schema.items()} }); set data.modality"
+            )
+        return matches[0]
+
+    def setup(self, stage: str) -> None:
+        if stage != "predict":
+            raise ValueError("EmbedDataModule serves predict only; train with a datamodule such as PairedDataModule")
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        schema = getattr(model, "schema", None)
+        if not schema:
+            raise RuntimeError("the model has no data schema: predict with a checkpoint of a trained model")
+        name = self._choose(schema)
+        entry = schema[name]
+        module, cls_name = entry["class_path"].rsplit(".", 1)
+        source_cls = getattr(importlib.import_module(module), cls_name)
+        self.source = source_cls(path=self.path, **entry["init_args"])
+        n_rows = self.source.num_rows()
+        rows = np.arange(n_rows if self.n_samples is None else min(self.n_samples, n_rows))
+        features = self.source.read_features(rows, align_to=entry["features"])
+        self.dataset = EmbedDataset(name, features, rows)
+        log.info("embedding %d of %d rows of %s with the %r tower", len(rows), n_rows, self.path, name)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_batch
+        )
+
+    def write_predictions(self, rows: np.ndarray, embedding: np.ndarray) -> None:
+        """Write the embeddings of ``rows`` (called by :class:`~unimodality.outputs.EmbeddingWriter`)."""
+        if len(rows) != len(self.dataset):
+            raise RuntimeError(f"got embeddings for {len(rows)} of {len(self.dataset)} rows; nothing written")
+        metadata = self.source.read_metadata().iloc[rows]
+        self.written = write_embeddings(self.source.file, metadata, rows, embedding, self.output)
+
+    def teardown(self, stage: str) -> None:
+        if self.source is not None:
+            self.source.close()
+        self.dataset = None

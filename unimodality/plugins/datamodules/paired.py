@@ -1,0 +1,309 @@
+"""Paired modalities measured on the same perturbations, matched by key columns (many-to-many)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from unimodality.datamodule import GROUP, DataModule, collate_batch, take_rows
+from unimodality.sources import DataError, Matrix, ModalitySource
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Members:
+    """Rows of one modality grouped by key: rows of key ``k`` are ``rows[offsets[k]:offsets[k + 1]]``."""
+
+    offsets: np.ndarray
+    rows: np.ndarray
+
+    @classmethod
+    def from_codes(cls, codes: np.ndarray, n_keys: int) -> Members:
+        order = np.argsort(codes, kind="stable")
+        offsets = np.zeros(n_keys + 1, dtype=np.int64)
+        np.cumsum(np.bincount(codes, minlength=n_keys), out=offsets[1:])
+        return cls(offsets, order.astype(np.int64))
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+class PairedDataset(Dataset):
+    """Examples of one split, fetched a batch at a time.
+
+    ``random=True`` (training): one example per perturbation, with one replicate of each modality drawn
+    anew at every fetch (torch's RNG, so it follows the seed and differs per worker and epoch).
+    ``random=False`` (evaluation): every replicate appears, paired deterministically (replicate ``j`` of
+    one modality with replicate ``j mod n`` of the other), so metrics are repeatable.
+    """
+
+    def __init__(
+        self, features: dict[str, Matrix], members: dict[str, Members], groups: np.ndarray, random: bool
+    ) -> None:
+        self.features = features
+        self.members = members
+        self.groups = groups
+        self.random = random
+        if not random:
+            counts = np.stack([m.counts() for m in members.values()])
+            width = counts.max(axis=0)
+            self._pair_key = np.repeat(np.arange(len(groups)), width)
+            within = np.arange(width.sum()) - np.repeat(np.cumsum(width) - width, width)
+            self._pair_rows = {
+                name: m.rows[m.offsets[self._pair_key] + within % m.counts()[self._pair_key]]
+                for name, m in members.items()
+            }
+
+    def __len__(self) -> int:
+        return len(self.groups) if self.random else len(self._pair_key)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        indices = np.asarray(indices)
+        if self.random:
+            keys = indices
+            draw = torch.rand(len(self.members), len(indices), dtype=torch.float64).numpy()
+            rows = {
+                name: m.rows[m.offsets[keys] + (draw[i] * m.counts()[keys]).astype(np.int64)]
+                for i, (name, m) in enumerate(self.members.items())
+            }
+        else:
+            keys = self._pair_key[indices]
+            rows = {name: r[indices] for name, r in self._pair_rows.items()}
+        batch = {name: take_rows(self.features[name], rows[name]) for name in self.members}
+        batch[GROUP] = torch.from_numpy(self.groups[keys])
+        return batch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([index]).items()}
+
+
+class PairedDataModule(DataModule):
+    """Two or more modalities paired by key columns, e.g. ``[smiles, concentration]``.
+
+    A perturbation (key) may have several replicates in each modality. A training example is one
+    perturbation with one replicate drawn from each modality, redrawn every epoch; batches carry the
+    integer ``group`` id of the key. Splits come from a split column (values ``train``/``val``/``test``)
+    or from a seeded held-out fraction of keys: a perturbation is never in two splits.
+
+    Args:
+        modalities: one source per modality, by modality name (``tx``, ``ph``, ...).
+        keys: the key columns that pair rows across modalities.
+        split_column: column holding each row's split; ``None`` draws held-out fractions of keys instead.
+        val_fraction: fraction of keys held out for validation (without a split column).
+        test_fraction: fraction of keys held out for testing (without a split column).
+        seed: seed of the held-out draw.
+        batch_size: training batch size (perturbations per step).
+        eval_batch_size: validation/test batch size (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        pin_memory: pin batches for faster host-to-GPU copies.
+    """
+
+    def __init__(
+        self,
+        modalities: dict[str, ModalitySource],
+        keys: list[str],
+        split_column: str | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if len(modalities) < 2:
+            raise ValueError(f"PairedDataModule needs at least two modalities, got {list(modalities)}")
+        if not keys:
+            raise ValueError("PairedDataModule: keys must name at least one key column")
+        if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+            raise ValueError("PairedDataModule: need 0 <= val_fraction, test_fraction and their sum < 1")
+        for name, source in modalities.items():
+            if source.key_columns is not None and len(source.key_columns) != len(keys):
+                raise ValueError(
+                    f"modality {name!r}: key_columns {source.key_columns} must match keys {keys} one to one"
+                )
+        self.sources = modalities
+        self.keys = list(keys)
+        self.split_column = split_column
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.datasets: dict[str, PairedDataset] = {}
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.sources)
+
+    @property
+    def schema(self) -> dict[str, dict[str, Any]]:
+        return {name: source.describe() for name, source in self.sources.items()}
+
+    # -- pairing and splits ------------------------------------------------------------------------
+    def _metadata(self, name: str, source: ModalitySource) -> pd.DataFrame:
+        own = source.key_columns or self.keys
+        columns = list(own)
+        has_split = False
+        if self.split_column is not None:
+            has_split = self.split_column in source.read_metadata().columns
+            if has_split:
+                columns.append(self.split_column)
+        meta = source.read_metadata(columns).rename(columns=dict(zip(own, self.keys)))
+        missing = meta[self.keys].isna().any(axis=1).to_numpy()
+        if missing.any():
+            raise DataError(
+                f"{source.file}: {missing.sum()} rows have no value in key column(s) {own} "
+                f"(e.g. rows {np.flatnonzero(missing)[:5].tolist()})"
+            )
+        return meta.reset_index(drop=True)
+
+    def _index(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list[tuple]]:
+        """Group id of every row per modality, shared group ids, their split, and the key values."""
+        metas = {name: self._metadata(name, source) for name, source in self.sources.items()}
+        stacked = pd.concat([m[self.keys] for m in metas.values()], ignore_index=True)
+        codes, uniques = pd.MultiIndex.from_frame(stacked).factorize()
+        bounds = np.cumsum([0] + [len(m) for m in metas.values()])
+        row_codes = {name: codes[bounds[i]:bounds[i + 1]] for i, name in enumerate(metas)}
+
+        shared = set(range(len(uniques)))
+        for codes_m in row_codes.values():
+            shared &= set(np.unique(codes_m).tolist())
+        if not shared:
+            counts = ", ".join(f"{name}: {len(np.unique(c))} keys" for name, c in row_codes.items())
+            examples = "; ".join(
+                f"{name} e.g. {[tuple(uniques[i]) for i in np.unique(c)[:2]]}" for name, c in row_codes.items()
+            )
+            raise DataError(
+                f"no key {self.keys} is present in every modality ({counts}); {examples}. "
+                "Check the key columns and their types (e.g. 1 vs 1.0, trailing spaces)."
+            )
+        for name, codes_m in row_codes.items():
+            dropped = (~np.isin(codes_m, list(shared))).sum()
+            if dropped:
+                log.warning("modality %r: %d rows have a key absent from another modality; ignored", name, dropped)
+        shared_codes = np.array(sorted(shared), dtype=np.int64)
+        split = self._splits(metas, row_codes, shared_codes, uniques)
+        return row_codes, shared_codes, split, [tuple(u) for u in uniques]
+
+    def _splits(self, metas, row_codes, shared_codes, uniques) -> np.ndarray:
+        if self.split_column is None:
+            rng = np.random.default_rng(self.seed)
+            order = rng.permutation(len(shared_codes))
+            n_val = _held_out(self.val_fraction, len(shared_codes))
+            n_test = _held_out(self.test_fraction, len(shared_codes))
+            split = np.full(len(shared_codes), "train", dtype=object)
+            split[order[:n_val]] = "val"
+            split[order[n_val:n_val + n_test]] = "test"
+            return split
+        with_split = [name for name, meta in metas.items() if self.split_column in meta.columns]
+        if not with_split:
+            files = ", ".join(str(s.file) for s in self.sources.values())
+            raise DataError(f"split column {self.split_column!r} is in none of the files ({files})")
+        frames = []
+        for name in with_split:
+            values = metas[name][self.split_column]
+            bad = ~values.isin(SPLITS)
+            if bad.any():
+                raise DataError(
+                    f"{self.sources[name].file}: column {self.split_column!r} must hold train, val or test; "
+                    f"found {sorted(map(str, values[bad].unique()))[:5]} in {bad.sum()} rows"
+                )
+            frames.append(pd.DataFrame({"code": row_codes[name], "split": values.to_numpy()}))
+        per_key = pd.concat(frames).drop_duplicates().groupby("code")["split"].agg(list)
+        conflicts = per_key[per_key.map(len) > 1]
+        if len(conflicts):
+            code = conflicts.index[0]
+            raise DataError(
+                f"{len(conflicts)} keys appear in more than one split, e.g. {dict(zip(self.keys, uniques[code]))} "
+                f"in {sorted(conflicts.iloc[0])}: a perturbation must belong to one split only"
+            )
+        return per_key.reindex(shared_codes).map(lambda s: s[0] if isinstance(s, list) else "train").to_numpy()
+
+    # -- Lightning hooks ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            raise ValueError(
+                "PairedDataModule does not embed data; predict with EmbedDataModule (--data.path FILE)"
+            )
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
+        wanted = tuple(s for s in wanted if s not in self.datasets)
+        if not wanted:
+            return
+        row_codes, shared_codes, split, _ = self._index()
+        for s in wanted:
+            if not (split == s).any():
+                if s == "train":
+                    raise DataError("the training split holds no perturbation shared by all modalities")
+                log.warning("the %r split holds no perturbation shared by all modalities", s)
+        keep = shared_codes[np.isin(split, wanted)]
+        # read only the rows of the splits this stage needs; map file rows to rows of the read block
+        features, local_codes = {}, {}
+        for name, source in self.sources.items():
+            rows = np.flatnonzero(np.isin(row_codes[name], keep))
+            features[name] = source.read_features(rows)
+            local_codes[name] = row_codes[name][rows]
+            source.close()
+        for s in wanted:
+            codes = shared_codes[split == s]  # sorted, as shared_codes is
+            if len(codes) == 0:
+                continue
+            members = {}
+            for name, c in local_codes.items():
+                position = np.minimum(np.searchsorted(codes, c), len(codes) - 1)
+                inside = codes[position] == c
+                m = Members.from_codes(position[inside], len(codes))
+                members[name] = Members(m.offsets, np.flatnonzero(inside)[m.rows])
+            self.datasets[s] = PairedDataset(features, members, codes, random=(s == "train"))
+        sizes = ", ".join(f"{s}: {len(self.datasets[s].groups)} perturbations" for s in wanted if s in self.datasets)
+        log.info("PairedDataModule %s", sizes)
+
+    def teardown(self, stage: str) -> None:
+        self.datasets.clear()
+
+    def _loader(self, split: str, train: bool) -> DataLoader | list:
+        if split not in self.datasets:
+            return []  # an empty split: Lightning skips the loop
+        dataset = self.datasets[split]
+        batch_size = self.batch_size if train else self.eval_batch_size
+        if train and len(dataset) < batch_size:
+            raise DataError(
+                f"the training split has {len(dataset)} perturbations, fewer than batch_size={batch_size}; "
+                "lower data.batch_size"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,  # the loss gathers equal-sized batches from every process
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_batch,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+
+def _held_out(fraction: float, n: int) -> int:
+    return 0 if fraction == 0 else max(1, int(round(fraction * n)))

@@ -1,0 +1,178 @@
+"""Cross-modal contrastive alignment (CLIP-style): one tower per modality, a loss over modality pairs."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Literal
+
+import torch
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from unimodality.datamodule import GROUP, INDEX
+from unimodality.encoder import Encoder
+from unimodality.loss import ContrastiveLoss
+from unimodality.metrics import CrossModalRecall
+from unimodality.plugins.losses.clip import ClipLoss
+from unimodality.setup import Setup
+from unimodality.tower import Tower, TowerMode
+
+
+class CrossModalSetup(Setup):
+    """Align two or more modalities with a contrastive loss; every pair of modalities contributes.
+
+    Towers are built from the data's schema (input sizes, feature names), which is then stored in the
+    checkpoint: a trained model embeds new files with no config.
+
+    Args:
+        encoders: encoder per modality name; the input size is filled in from the data.
+        loss: the contrastive loss applied to each pair of modalities.
+        embed_dim: size of the shared embedding space every tower projects into.
+        modes: ``trainable`` (default), ``frozen`` or ``disabled`` per modality.
+        weights: encoder weights file per modality (state dict or checkpoint), e.g. for a frozen tower.
+        weights_prefix: key prefix to select and strip in that file, per modality.
+        retrieval_k: the ``k`` of the validation recall@k metrics.
+        optimizer: see :class:`unimodality.setup.Setup`.
+        lr_scheduler: see :class:`unimodality.setup.Setup`.
+        lr_scheduler_interval: see :class:`unimodality.setup.Setup`.
+        lr_scheduler_monitor: see :class:`unimodality.setup.Setup`.
+        schema: filled in from the data at the start of training; leave unset.
+    """
+
+    def __init__(
+        self,
+        encoders: dict[str, Callable[[int], Encoder]] | None = None,
+        loss: ContrastiveLoss = lazy_instance(ClipLoss),
+        embed_dim: int = 128,
+        modes: dict[str, TowerMode] | None = None,
+        weights: dict[str, str] | None = None,
+        weights_prefix: dict[str, str] | None = None,
+        retrieval_k: list[int] = [1, 5, 10],  # noqa: B006
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        lr_scheduler_monitor: str = "val/loss",
+        schema: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, lr_scheduler_monitor)
+        self.save_hyperparameters()
+        self.encoders = dict(encoders or {})
+        self.loss = loss
+        self.embed_dim = embed_dim
+        self.modes = dict(modes or {})
+        self.weights = dict(weights or {})
+        self.weights_prefix = dict(weights_prefix or {})
+        self.retrieval_k = tuple(retrieval_k)
+        self.towers = nn.ModuleDict()
+        self.schema: dict[str, dict[str, Any]] | None = None
+        self.retrieval = nn.ModuleDict()
+        self.pairs: list[tuple[str, str]] = []
+        if schema is not None:
+            self.build(schema)
+
+    # -- building from the data's schema -------------------------------------------------------------
+    def build(self, schema: dict[str, dict[str, Any]]) -> None:
+        """Create one tower per modality of ``schema``."""
+        unknown = sorted((set(self.encoders) | set(self.modes) | set(self.weights)) - set(schema))
+        if unknown:
+            raise ValueError(
+                f"model settings name modalities {unknown} that the data does not have; "
+                f"data modalities: {sorted(schema)}"
+            )
+        for name, entry in schema.items():
+            mode = self.modes.get(name, "trainable")
+            if mode != "disabled" and name not in self.encoders:
+                raise ValueError(
+                    f"modality {name!r} has no encoder: add model.encoders.{name} or set "
+                    f"model.modes.{name}: disabled"
+                )
+            n_features = len(entry["features"])
+            encoder = self.encoders[name](n_features) if mode != "disabled" else None
+            self.towers[name] = Tower(
+                n_features, self.embed_dim, encoder, mode, self.weights.get(name), self.weights_prefix.get(name)
+            )
+        self.pairs = list(itertools.combinations(schema, 2))
+        self.retrieval = nn.ModuleDict({f"{a}->{b}": CrossModalRecall(self.retrieval_k) for a, b in self.pairs})
+        self.schema = schema
+        self.hparams["schema"] = schema
+        self._hparams_initial["schema"] = schema
+
+    def setup(self, stage: str) -> None:
+        if self.schema is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        schema = getattr(datamodule, "schema", None)
+        if schema is None:
+            raise RuntimeError(
+                "CrossModalSetup builds its towers from the data: train it with a unimodality datamodule, "
+                "or load a trained checkpoint"
+            )
+        self.build(schema)
+
+    # -- steps -------------------------------------------------------------------------------------------
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """L2-normalised embeddings of every modality present in the batch."""
+        return {name: tower(batch[name]) for name, tower in self.towers.items() if name in batch}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.embed(batch)
+
+    def _gather(self, x: torch.Tensor, sync_grads: bool) -> torch.Tensor:
+        """The global batch: every process's rows, in rank order (gradients flow back when training)."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x, sync_grads=sync_grads).flatten(0, 1)
+
+    def _loss(self, embeddings: dict[str, torch.Tensor], group: torch.Tensor) -> torch.Tensor:
+        losses = [self.loss(embeddings[a], embeddings[b], group) for a, b in self.pairs]
+        return torch.stack(losses).mean()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        local = self.embed(batch)
+        embeddings = {name: self._gather(e, sync_grads=True) for name, e in local.items()}
+        loss = self._loss(embeddings, self._gather(batch[GROUP], sync_grads=False))
+        batch_size = len(batch[GROUP])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for key, value in self.loss.extra_metrics().items():
+            self.log(f"train/{key}", value, batch_size=batch_size)
+        return loss
+
+    def _evaluation_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        embeddings = self.embed(batch)
+        group = batch[GROUP]
+        loss = self._loss(embeddings, group)
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(group))
+        for a, b in self.pairs:
+            self.retrieval[f"{a}->{b}"].update(embeddings[a], embeddings[b], group)
+        return loss
+
+    def _log_retrieval(self, stage: str) -> None:
+        for k in self.retrieval_k:
+            values = []
+            for (a, b), metric in zip(self.pairs, self.retrieval.values()):
+                result = metric.compute()
+                values += [result[f"recall@{k}/forward"], result[f"recall@{k}/backward"]]
+                self.log(f"{stage}/recall@{k}/{a}->{b}", values[-2])
+                self.log(f"{stage}/recall@{k}/{b}->{a}", values[-1])
+            self.log(f"{stage}/recall@{k}", torch.stack(values).mean(), prog_bar=k == 1)
+        for metric in self.retrieval.values():
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._evaluation_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_retrieval("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._evaluation_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_retrieval("test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        present = [name for name in self.towers if name in batch]
+        if len(present) != 1:
+            raise ValueError(f"a prediction batch holds one modality of {list(self.towers)}, got {list(batch)}")
+        return {INDEX: batch[INDEX], "embedding": self.towers[present[0]](batch[present[0]])}

@@ -1,0 +1,52 @@
+"""The setup interface: a LightningModule that trains towers with a contrastive loss."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from unimodality.config import ConfigHyperparameters
+
+
+class Setup(ConfigHyperparameters, LightningModule):
+    """Base class of setups (plugin group ``unimodality.setups``).
+
+    It owns what every setup shares: the optimizer and learning-rate scheduler injected from config, and
+    checkpoint hygiene, so that ``SomeSetup.load_from_checkpoint(path)`` rebuilds the model with no config
+    and a reloaded model can be saved and reloaded again with ``weights_only=True``.
+
+    Args:
+        optimizer: optimizer class (with its init args) applied to the trainable parameters.
+        lr_scheduler: optional learning-rate scheduler class (with its init args).
+        lr_scheduler_interval: step the scheduler every ``epoch`` or every optimizer ``step``.
+        lr_scheduler_monitor: metric a ``ReduceLROnPlateau`` scheduler watches.
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        lr_scheduler_monitor: str = "val/loss",
+    ) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.lr_scheduler_monitor = lr_scheduler_monitor
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.restore_config_hparams(checkpoint)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        config = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.lr_scheduler_monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}

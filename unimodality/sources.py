@@ -1,0 +1,429 @@
+"""Modality sources: one file holding a modality's rows (metadata columns + a feature matrix).
+
+``AnnDataSource`` reads ``.h5ad`` (``X``, a layer or an ``obsm`` key; dense or CSR) and ``TableSource``
+reads parquet or CSV (metadata + numeric feature columns). Both read only the rows they are asked for,
+apply a per-row transform, align features by name when asked, and refuse bad input with an error that
+names the file, column or row at fault.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import h5py
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+
+from unimodality.config import RecordsInitArgs, class_path
+from unimodality.example_data import resolve_path
+
+Matrix = Union[np.ndarray, sp.csr_matrix]
+Transform = Literal["none", "log1p", "normalize_log1p", "clr"]
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is; the message names the file and what is wrong."""
+
+
+class ModalitySource(RecordsInitArgs):
+    """Base class of modality sources.
+
+    Args:
+        path: the file (``example://...`` names a file of the bundled example data).
+        key_columns: columns holding the pairing key, in the order of the datamodule's ``keys``; by
+            default the datamodule's key names themselves.
+        transform: per-row transform applied after reading (and after aligning features by name):
+            ``log1p``; ``normalize_log1p`` (scale each row to 10,000 counts, then log1p: counts);
+            ``clr`` (centred log-ratio per row: protein counts).
+    """
+
+    format: str = ""
+    suffixes: tuple[str, ...] = ()
+
+    def __init__(self, path: str, key_columns: list[str] | None = None, transform: Transform = "none") -> None:
+        if transform not in ("none", "log1p", "normalize_log1p", "clr"):
+            raise ValueError(f"unknown transform {transform!r}; expected none, log1p, normalize_log1p or clr")
+        self.path = path
+        self.key_columns = key_columns
+        self.transform = transform
+        self._feature_names: list[str] | None = None
+
+    @property
+    def file(self) -> Path:
+        file = resolve_path(self.path)
+        if not file.is_file():
+            raise FileNotFoundError(f"{type(self).__name__}: file not found: {file}")
+        return file
+
+    # -- what subclasses implement ------------------------------------------------------------------
+    def _read_feature_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def read_metadata(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """The metadata table (all columns, or those named; a missing one is an error)."""
+        raise NotImplementedError
+
+    def _read_raw(self, rows: np.ndarray | None) -> Matrix:
+        """Features of ``rows`` (all rows when None) in the file's own column order, as float32."""
+        raise NotImplementedError
+
+    def num_rows(self) -> int:
+        raise NotImplementedError
+
+    # -- shared behaviour -------------------------------------------------------------------------
+    def feature_names(self) -> list[str]:
+        if self._feature_names is None:
+            names = [str(n) for n in self._read_feature_names()]
+            duplicated = pd.Index(names)[pd.Index(names).duplicated()].unique().tolist()
+            if duplicated:
+                raise DataError(
+                    f"{self.file}: {len(duplicated)} feature names occur more than once "
+                    f"(e.g. {', '.join(map(repr, duplicated[:5]))}); feature names must be unique"
+                )
+            if not names:
+                raise DataError(f"{self.file}: no feature columns selected")
+            self._feature_names = names
+        return self._feature_names
+
+    def read_features(self, rows: np.ndarray | None = None, align_to: list[str] | None = None) -> Matrix:
+        """Read, align by name to ``align_to`` (missing features are zeros), transform and check."""
+        if align_to is None:
+            matrix, names = self._read_raw(rows), self.feature_names()
+        else:
+            matrix, names = self._read_aligned(rows, align_to), align_to
+        self._check_finite(matrix, rows, names, "")
+        matrix = apply_transform(matrix, self.transform)
+        self._check_finite(matrix, rows, names, f" after the {self.transform!r} transform (negative values?)")
+        return matrix
+
+    def _read_aligned(self, rows: np.ndarray | None, align_to: list[str]) -> Matrix:
+        return align_features(self._read_raw(rows), self.feature_names(), align_to, self.file)
+
+    def describe(self) -> dict[str, Any]:
+        """What a model needs to read new files of this modality: class, settings, feature names."""
+        init_args = dict(self.__dict__["_init_config"]["init_args"])
+        init_args.pop("path")
+        return {"class_path": class_path(type(self)), "init_args": init_args, "features": self.feature_names()}
+
+    def close(self) -> None:
+        """Drop cached file contents."""
+
+    def _check_finite(self, matrix: Matrix, rows: np.ndarray | None, names: list[str], when: str) -> None:
+        values = matrix.data if sp.issparse(matrix) else matrix
+        if np.isfinite(values).all():
+            return
+        dense_bad = ~np.isfinite(matrix.toarray() if sp.issparse(matrix) else matrix)
+        bad_rows, bad_cols = np.nonzero(dense_bad)
+        file_rows = bad_rows if rows is None else np.asarray(rows)[bad_rows]
+        examples = ", ".join(
+            f"row {r} / {names[c]}" for r, c in list(zip(file_rows, bad_cols))[:5]
+        )
+        raise DataError(
+            f"{self.file}: {dense_bad.sum()} NaN or infinite feature values{when} in "
+            f"{len(np.unique(bad_rows))} rows (e.g. {examples}); clean or impute them first"
+        )
+
+
+def apply_transform(matrix: Matrix, transform: str) -> Matrix:
+    """Per-row transforms; sparse input stays sparse."""
+    if transform == "none":
+        return matrix
+    if transform == "clr":
+        # Seurat's CLR across features: log1p(x / exp(mean(log1p(x))))
+        dense = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+        geometric = np.exp(np.log1p(dense).mean(axis=1, keepdims=True))
+        return np.log1p(dense / geometric).astype(np.float32)
+    if transform == "normalize_log1p":
+        totals = np.asarray(matrix.sum(axis=1)).ravel()
+        scale = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
+        matrix = sp.diags(scale.astype(np.float32)) @ matrix if sp.issparse(matrix) else matrix * scale[:, None]
+    if sp.issparse(matrix):
+        matrix = sp.csr_matrix(matrix, dtype=np.float32)
+        matrix.data = np.log1p(matrix.data)
+        return matrix
+    return np.log1p(matrix).astype(np.float32)
+
+
+def align_features(matrix: Matrix, names: list[str], target: list[str], file: Path) -> Matrix:
+    """Reorder columns to ``target`` by name; target features absent from the file become zeros."""
+    index = pd.Index(names).get_indexer(target)
+    present = np.flatnonzero(index >= 0)
+    if present.size == 0:
+        raise DataError(
+            f"{file}: none of its {len(names)} feature names match the {len(target)} features the model "
+            f"was trained on (file has e.g. {names[:3]}, model expects e.g. {target[:3]})"
+        )
+    missing = len(target) - present.size
+    if missing:
+        warnings.warn(
+            f"{file}: {missing} of the model's {len(target)} features are missing and filled with zeros "
+            f"(e.g. {[target[i] for i in np.flatnonzero(index < 0)[:5]]})",
+            stacklevel=3,
+        )
+    if sp.issparse(matrix):
+        selected = sp.csr_matrix(matrix[:, index[present]])
+        aligned = sp.csr_matrix(
+            (selected.data, present[selected.indices], selected.indptr), shape=(matrix.shape[0], len(target))
+        )
+        aligned.sort_indices()
+        return aligned
+    aligned = np.zeros((matrix.shape[0], len(target)), dtype=np.float32)
+    aligned[:, present] = matrix[:, index[present]]
+    return aligned
+
+
+class AnnDataSource(ModalitySource):
+    """A modality stored in an AnnData ``.h5ad`` file; rows are observations, key columns come from ``obs``.
+
+    Args:
+        path: the ``.h5ad`` file.
+        layer: read ``layers[layer]`` instead of ``X``.
+        obsm: read ``obsm[obsm]`` (an embedding) instead of ``X``; features are named ``{obsm}_{i}``.
+        key_columns: see :class:`ModalitySource`.
+        transform: see :class:`ModalitySource`.
+    """
+
+    format = "h5ad"
+    suffixes = (".h5ad",)
+
+    def __init__(
+        self,
+        path: str,
+        layer: str | None = None,
+        obsm: str | None = None,
+        key_columns: list[str] | None = None,
+        transform: Transform = "none",
+    ) -> None:
+        super().__init__(path, key_columns=key_columns, transform=transform)
+        if layer is not None and obsm is not None:
+            raise ValueError("AnnDataSource: give layer or obsm, not both")
+        self.layer = layer
+        self.obsm = obsm
+
+    def _element(self, f: h5py.File) -> h5py.Dataset | h5py.Group:
+        key = "X" if self.layer is None and self.obsm is None else (
+            f"layers/{self.layer}" if self.layer is not None else f"obsm/{self.obsm}"
+        )
+        if key not in f:
+            parent = "layers" if self.layer is not None else "obsm"
+            available = sorted(f[parent]) if parent in f else []
+            raise DataError(f"{self.file}: has no {key!r} (available {parent}: {available or 'none'})")
+        return f[key]
+
+    def _read_feature_names(self) -> list[str]:
+        from anndata.io import read_elem
+
+        with h5py.File(self.file, "r") as f:
+            if self.obsm is not None:
+                element = self._element(f)
+                width = element.attrs["shape"][1] if isinstance(element, h5py.Group) else element.shape[1]
+                return [f"{self.obsm}_{i}" for i in range(width)]
+            return list(read_elem(f["var"]).index)
+
+    def num_rows(self) -> int:
+        with h5py.File(self.file, "r") as f:
+            element = self._element(f)
+            return int(element.attrs["shape"][0] if isinstance(element, h5py.Group) else element.shape[0])
+
+    def read_metadata(self, columns: list[str] | None = None) -> pd.DataFrame:
+        from anndata.io import read_elem
+
+        with h5py.File(self.file, "r") as f:
+            obs = read_elem(f["obs"])
+        if columns is not None:
+            missing = [c for c in columns if c not in obs.columns]
+            if missing:
+                raise DataError(
+                    f"{self.file}: obs has no column(s) {missing}; available: {list(obs.columns)}"
+                )
+            obs = obs[columns]
+        return obs
+
+    def _read_raw(self, rows: np.ndarray | None) -> Matrix:
+        from anndata.io import sparse_dataset
+
+        with h5py.File(self.file, "r") as f:
+            element = self._element(f)
+            if isinstance(element, h5py.Group):
+                encoding = element.attrs.get("encoding-type", "")
+                if encoding not in ("csr_matrix", "csc_matrix"):
+                    raise DataError(f"{self.file}: cannot read matrix of encoding {encoding!r}")
+                data = sparse_dataset(element)
+                if rows is None or encoding == "csc_matrix":
+                    matrix = sp.csr_matrix(data.to_memory())
+                    matrix = matrix if rows is None else matrix[rows]
+                else:
+                    matrix = _take_sorted(lambda r: data[r], rows, sparse=True)
+                return sp.csr_matrix(matrix, dtype=np.float32)
+            if rows is None:
+                return np.asarray(element[()], dtype=np.float32)
+            return np.asarray(_take_sorted(lambda r: element[r], rows, sparse=False), dtype=np.float32)
+
+
+def _take_sorted(read, rows: np.ndarray, sparse: bool) -> Matrix:
+    """HDF5 reads need increasing unique indices: read those, then restore the requested order."""
+    unique, inverse = np.unique(np.asarray(rows), return_inverse=True)
+    block = read(unique)
+    return block[inverse] if not sparse else sp.csr_matrix(block)[inverse]
+
+
+class TableSource(ModalitySource):
+    """A modality stored in a table (parquet, or CSV/TSV, optionally gzipped): metadata + feature columns.
+
+    Select the feature columns with exactly one of ``features``, ``feature_prefix`` or ``feature_regex``;
+    every other column is metadata.
+
+    Args:
+        path: the table file (``.parquet``, ``.csv``, ``.csv.gz``, ``.tsv``, ``.tsv.gz``).
+        features: the feature columns by name.
+        feature_prefix: every column whose name starts with this prefix is a feature.
+        feature_regex: every column whose name matches this regular expression is a feature.
+        key_columns: see :class:`ModalitySource`.
+        transform: see :class:`ModalitySource`.
+    """
+
+    format = "table"
+    suffixes = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv", ".tsv.gz")
+
+    def __init__(
+        self,
+        path: str,
+        features: list[str] | None = None,
+        feature_prefix: str | None = None,
+        feature_regex: str | None = None,
+        key_columns: list[str] | None = None,
+        transform: Transform = "none",
+    ) -> None:
+        super().__init__(path, key_columns=key_columns, transform=transform)
+        given = [x is not None for x in (features, feature_prefix, feature_regex)]
+        if sum(given) != 1:
+            raise ValueError(
+                "TableSource: select the feature columns with exactly one of features (a list of names), "
+                f"feature_prefix or feature_regex (path: {path})"
+            )
+        self.features = features
+        self.feature_prefix = feature_prefix
+        self.feature_regex = feature_regex
+        self._table: pa.Table | None = None
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        # a new file is read by the exact columns the model was trained on
+        described["init_args"].update(features=self.feature_names(), feature_prefix=None, feature_regex=None)
+        return described
+
+    @property
+    def _is_parquet(self) -> bool:
+        return self.file.suffix in (".parquet", ".pq")
+
+    def _schema(self) -> pa.Schema:
+        if self._is_parquet:
+            import pyarrow.parquet as pq
+
+            return pq.read_schema(self.file)
+        return self._read_table().schema
+
+    def _read_table(self, columns: list[str] | None = None) -> pa.Table:
+        if self._is_parquet:
+            import pyarrow.parquet as pq
+
+            return pq.read_table(self.file, columns=columns)
+        if self._table is None:  # text tables cannot be read by column: read once, keep until close()
+            import pyarrow.csv as pcsv
+
+            delimiter = "\t" if ".tsv" in self.file.name else ","
+            self._table = pcsv.read_csv(self.file, parse_options=pcsv.ParseOptions(delimiter=delimiter))
+        return self._table if columns is None else self._table.select(columns)
+
+    def close(self) -> None:
+        self._table = None
+
+    def _read_feature_names(self) -> list[str]:
+        schema = self._schema()
+        columns = list(schema.names)
+        if self.features is not None:
+            return list(self.features)  # checked against the file when read (align or error)
+        if self.feature_prefix is not None:
+            names = [c for c in columns if c.startswith(self.feature_prefix)]
+            what = f"prefix {self.feature_prefix!r}"
+        else:
+            pattern = re.compile(self.feature_regex)
+            names = [c for c in columns if pattern.search(c)]
+            what = f"regex {self.feature_regex!r}"
+        if not names:
+            raise DataError(f"{self.file}: no column matches the feature {what}; columns: {columns[:10]}...")
+        return names
+
+    def num_rows(self) -> int:
+        if self._is_parquet:
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(self.file).metadata.num_rows
+        return self._read_table().num_rows
+
+    def read_metadata(self, columns: list[str] | None = None) -> pd.DataFrame:
+        names = self._schema().names
+        if columns is None:
+            features = set(self.feature_names())
+            columns = [c for c in names if c not in features]
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise DataError(f"{self.file}: has no column(s) {missing}; available: {names[:20]}...")
+        return self._read_table(columns).to_pandas()
+
+    def _own_columns(self, wanted: list[str]) -> list[str]:
+        names = set(self._schema().names)
+        return [c for c in wanted if c in names]
+
+    def _read_raw(self, rows: np.ndarray | None) -> Matrix:
+        names = self.feature_names()
+        columns = self._own_columns(names)
+        if self.features is not None and len(columns) < len(names):
+            absent = [c for c in names if c not in set(columns)]
+            raise DataError(f"{self.file}: feature column(s) not found: {absent[:10]} ({len(absent)} in all)")
+        return self._read_columns(columns, rows)
+
+    def _read_columns(self, columns: list[str], rows: np.ndarray | None) -> np.ndarray:
+        table = self._read_table(columns)
+        bad = [f"{field.name} ({field.type})" for field in table.schema if not _is_numeric(field.type)]
+        if bad:
+            raise DataError(
+                f"{self.file}: feature columns must be numeric, these are not: {bad[:10]}"
+                f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}"
+            )
+        if rows is not None:
+            table = table.take(pa.array(np.asarray(rows, dtype=np.int64)))
+        out = np.empty((table.num_rows, len(columns)), dtype=np.float32)
+        for j, column in enumerate(table.columns):
+            # nulls become NaN here and are reported by the finiteness check
+            out[:, j] = pc.cast(column, pa.float32()).to_numpy(zero_copy_only=False)
+        return out
+
+    def _read_aligned(self, rows: np.ndarray | None, align_to: list[str]) -> Matrix:
+        # read only the model's columns that this file has, by name
+        available = self._own_columns(align_to)
+        if not available:
+            raise DataError(
+                f"{self.file}: none of the model's {len(align_to)} feature columns are in this file "
+                f"(model expects e.g. {align_to[:3]})"
+            )
+        return align_features(self._read_columns(available, rows), available, align_to, self.file)
+
+
+def _is_numeric(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+
+
+def source_for(path: str | Path) -> type[ModalitySource]:
+    """The source class that reads a file, by its extension."""
+    name = str(path).lower()
+    for cls in (AnnDataSource, TableSource):
+        if name.endswith(cls.suffixes):
+            return cls
+    raise DataError(f"{path}: unsupported file type; expected .h5ad, .parquet, .csv(.gz) or .tsv(.gz)")
