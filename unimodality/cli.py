@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from unimodality.outputs import EmbeddingWriter
 from unimodality.setup import Setup
 
 EVALUATION = ("validate", "test", "predict")
-_RESOLUTION_ERRORS = ("import path", "subclass of", "does not validate against any of the types", "Problem with given class_path")
+_RESOLUTION_ERRORS = ("import path", "subclass of", "Problem with given class_path")
 
 DESCRIPTION = """\
 Multimodal contrastive learning for biology.
@@ -31,25 +32,20 @@ Multimodal contrastive learning for biology.
 
 
 class UnimodalityArgumentParser(LightningArgumentParser):
-    """Adds the registered plugin names (and a close match) to class-resolution errors."""
+    """Adds the registered plugin names (and the closest match) to class-resolution errors."""
 
     def error(self, message: str, ex: Exception | None = None):
-        if any(marker in message for marker in _RESOLUTION_ERRORS):
-            name = _offending_name(message)
-            message = f"{message}\n\n{registry.unknown_name_hint(name or '')}"
+        if "Registered plugins" not in message and any(m in message for m in _RESOLUTION_ERRORS):
+            names = _unresolved_names(message)
+            message = f"{message}\n\n{registry.unknown_name_hint(names[0] if names else '')}"
         return super().error(message, ex)
 
 
-def _offending_name(message: str) -> str | None:
-    """The value jsonargparse failed to resolve, from its message (it quotes it)."""
-    import re
-
-    for pattern in (r"given_class_path[=:] *'?\"?([\w.]+)", r"class_path[=:] *'?\"?([\w.]+)", r"'([\w.]+)'", r'"([\w.]+)"'):
-        for match in re.finditer(pattern, message):
-            value = match.group(1)
-            if value not in {"class_path", "init_args", "dict_kwargs"} and not value.startswith("unimodality."):
-                return value
-    return None
+def _unresolved_names(message: str) -> list[str]:
+    """The class names jsonargparse failed to resolve, as its message quotes them."""
+    patterns = (r"import path string: ([\w.]+)", r"val='([\w.]+)'", r"Given value: ([\w.]+)\s*$")
+    found = [m.group(1) for p in patterns for m in re.finditer(p, message, flags=re.MULTILINE)]
+    return list(dict.fromkeys(found))
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -86,6 +82,8 @@ class UnimodalityCLI(LightningCLI):
         return
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        if self.subcommand == "predict":
+            kwargs.setdefault("logger", False)  # embedding writes files, not metrics: no empty run folder
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "predict":
             trainer.callbacks.append(EmbeddingWriter())
@@ -104,7 +102,8 @@ class UnimodalityCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
     def predict(self, model: LightningModule, datamodule: Any = None, **kwargs: Any) -> None:
-        self.trainer.predict(model, datamodule=datamodule, return_predictions=False, **kwargs)
+        kwargs["return_predictions"] = False  # the EmbeddingWriter writes them; don't hold them twice
+        self.trainer.predict(model, datamodule=datamodule, **kwargs)
         written = getattr(datamodule, "written", None)
         if written is not None and self.trainer.is_global_zero:
             print(f"\nEmbeddings written to {written}", flush=True)

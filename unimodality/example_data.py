@@ -116,10 +116,10 @@ def make_example_data(
     tx_meta, tx_keys = metadata(rng.integers(replicates[0], replicates[1] + 1, len(keys)), "tx")
     loadings = rng.normal(size=(n_genes, latent_dim)) * (rng.random((n_genes, latent_dim)) < 3 / latent_dim)
     baseline = rng.normal(-1.0, 1.0, n_genes)
-    logits = baseline + 0.45 * latent[tx_keys] @ loadings.T + rng.normal(0, 0.3, (len(tx_keys), n_genes))
+    logits = baseline + 0.3 * latent[tx_keys] @ loadings.T + rng.normal(0, 0.8, (len(tx_keys), n_genes))
     rates = np.exp(logits - logits.max(axis=1, keepdims=True))
     rates /= rates.sum(axis=1, keepdims=True)
-    library = rng.lognormal(np.log(3000), 0.3, len(tx_keys))
+    library = rng.lognormal(np.log(1500), 0.4, len(tx_keys))
     counts = rng.poisson(rates * library[:, None]).astype(np.float32)
     tx = ad.AnnData(X=sp.csr_matrix(counts), obs=tx_meta)
     tx.var_names = [f"GENE{i:04d}" for i in range(n_genes)]
@@ -127,7 +127,7 @@ def make_example_data(
     # phenomics: a non-linear readout of the same latent plus well noise, standardised per feature
     ph_meta, ph_keys = metadata(rng.integers(replicates[0], replicates[1] + 1, len(keys)), "ph")
     readout = rng.normal(size=(latent_dim, n_features)) / np.sqrt(latent_dim)
-    features = np.tanh(latent[ph_keys] @ readout) + rng.normal(0, 0.6, (len(ph_keys), n_features))
+    features = np.tanh(latent[ph_keys] @ readout) + rng.normal(0, 1.6, (len(ph_keys), n_features))
     features = (features - features.mean(0)) / features.std(0)
     ph_meta["well"] = ph_meta.index
     table = pa.Table.from_pandas(ph_meta.reset_index(drop=True), preserve_index=False)
