@@ -90,10 +90,11 @@ class UnimodalityCLI(LightningCLI):
         return trainer
 
     def after_fit(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective call under DDP: every rank takes part
         if not self.trainer.is_global_zero:
             return
         checkpoint = self.trainer.checkpoint_callback
-        lines = [f"\nRun directory: {self.trainer.log_dir}"]
+        lines = [f"\nRun directory: {log_dir}"]
         if checkpoint is not None:
             if checkpoint.best_model_path:
                 lines.append(f"  best checkpoint: {checkpoint.best_model_path}")

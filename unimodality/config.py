@@ -9,7 +9,10 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import warnings
 from typing import Any
+
+from jsonargparse import Namespace
 
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
@@ -46,6 +49,8 @@ def config_form(value: Any) -> Any:
     """Turn objects (classes, partials, objects that record their init args) into plain config data."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, Namespace):  # jsonargparse converts config dicts it parses in place
+        return config_form(value.as_dict())
     if isinstance(value, dict):
         return {key: config_form(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
@@ -83,7 +88,10 @@ class ConfigHyperparameters:
     """
 
     def save_hyperparameters(self, *args: Any, frame: Any = None, **kwargs: Any) -> None:
-        super().save_hyperparameters(*args, frame=frame or inspect.currentframe().f_back, **kwargs)
+        with warnings.catch_warnings():
+            # objects are turned into config below, so Lightning's advice to leave modules out is moot
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            super().save_hyperparameters(*args, frame=frame or inspect.currentframe().f_back, **kwargs)
         hparams = dict(self.hparams)
         if not is_plain(hparams):
             hparams = config_form(hparams)
@@ -99,4 +107,4 @@ class ConfigHyperparameters:
     def restore_config_hparams(self, checkpoint: dict[str, Any]) -> None:
         stored = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
         if stored:
-            self.set_config_hparams(dict(stored))
+            self.set_config_hparams(config_form(dict(stored)))

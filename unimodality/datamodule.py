@@ -33,9 +33,6 @@ class DataModule(ConfigHyperparameters, LightningDataModule):
     def schema(self) -> dict[str, dict[str, Any]]:
         raise NotImplementedError
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.restore_config_hparams(checkpoint)
-
 
 def take_rows(matrix: np.ndarray | sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
     """Rows of an in-memory feature matrix as a dense float32 tensor."""

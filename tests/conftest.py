@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def example_data_dir(tmp_path_factory) -> Path:
+    """Generate the example data once per session into a temporary cache (never the user's)."""
+    root = tmp_path_factory.mktemp("unimodality-data")
+    os.environ["UNIMODALITY_DATA_DIR"] = str(root)
+    from unimodality.example_data import FILES, resolve_path
+
+    for name in FILES:
+        resolve_path(f"example://{name}")
+    return root / "example-v1"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The workplace's small real datasets (../shared/data); tests using them skip elsewhere."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real datasets not found at {SHARED_DATA}")
+    return SHARED_DATA
