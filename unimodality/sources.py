@@ -179,7 +179,8 @@ def align_features(matrix: Matrix, names: list[str], target: list[str], file: Pa
 
 
 class AnnDataSource(ModalitySource):
-    """A modality stored in an AnnData ``.h5ad`` file; rows are observations, key columns come from ``obs``.
+    """A modality stored in an AnnData ``.h5ad`` file; rows are observations, key columns come from ``obs``
+    (the obs index too: by its name, e.g. ``barcode``, or as ``obs_names``).
 
     Args:
         path: the ``.h5ad`` file.
@@ -236,7 +237,10 @@ class AnnDataSource(ModalitySource):
 
         with h5py.File(self.file, "r") as f:
             obs = read_elem(f["obs"])
+        # the obs index (cell barcodes, sample ids) can be a key: by its name or as "obs_names"
         if columns is not None:
+            for name in {obs.index.name, "obs_names"} & set(columns) - set(obs.columns):
+                obs[name] = obs.index.to_numpy()
             missing = [c for c in columns if c not in obs.columns]
             if missing:
                 raise DataError(
