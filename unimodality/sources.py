@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from unimodality.config import RecordsInitArgs, class_path
 from unimodality.example_data import resolve_path
 
-Matrix = Union[np.ndarray, sp.csr_matrix]
+Matrix = np.ndarray | sp.csr_matrix
 Transform = Literal["none", "log1p", "normalize_log1p", "clr"]
 
 
@@ -109,7 +109,7 @@ class ModalitySource(RecordsInitArgs):
         """What a model needs to read new files of this modality: class, settings, feature names."""
         init_args = dict(self.__dict__["_init_config"]["init_args"])
         init_args.pop("path")
-        return {"class_path": class_path(type(self)), "init_args": init_args, "features": self.feature_names()}
+        return {"class_path": class_path(type(self)), "init_args": init_args, "features": list(self.feature_names())}
 
     def close(self) -> None:
         """Drop cached file contents."""
@@ -118,14 +118,17 @@ class ModalitySource(RecordsInitArgs):
         values = matrix.data if sp.issparse(matrix) else matrix
         if np.isfinite(values).all():
             return
-        dense_bad = ~np.isfinite(matrix.toarray() if sp.issparse(matrix) else matrix)
-        bad_rows, bad_cols = np.nonzero(dense_bad)
+        if sp.issparse(matrix):  # locate the bad entries without densifying a large matrix
+            matrix = sp.csr_matrix(matrix)
+            bad = np.flatnonzero(~np.isfinite(matrix.data))
+            bad_rows = np.searchsorted(matrix.indptr, bad, side="right") - 1
+            bad_cols = matrix.indices[bad]
+        else:
+            bad_rows, bad_cols = np.nonzero(~np.isfinite(matrix))
         file_rows = bad_rows if rows is None else np.asarray(rows)[bad_rows]
-        examples = ", ".join(
-            f"row {r} / {names[c]}" for r, c in list(zip(file_rows, bad_cols))[:5]
-        )
+        examples = ", ".join(f"row {r} / {names[c]}" for r, c in list(zip(file_rows, bad_cols))[:5])
         raise DataError(
-            f"{self.file}: {dense_bad.sum()} NaN or infinite feature values{when} in "
+            f"{self.file}: {len(bad_rows)} NaN or infinite feature values{when} in "
             f"{len(np.unique(bad_rows))} rows (e.g. {examples}); clean or impute them first"
         )
 
@@ -135,10 +138,15 @@ def apply_transform(matrix: Matrix, transform: str) -> Matrix:
     if transform == "none":
         return matrix
     if transform == "clr":
-        # Seurat's CLR across features: log1p(x / exp(mean(log1p(x))))
-        dense = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
-        geometric = np.exp(np.log1p(dense).mean(axis=1, keepdims=True))
-        return np.log1p(dense / geometric).astype(np.float32)
+        # Seurat's CLR across features: log1p(x / exp(mean(log1p(x)))); zeros stay zeros
+        if sp.issparse(matrix):
+            matrix = sp.csr_matrix(matrix, dtype=np.float64)
+            row_of = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+            log_mean = np.bincount(row_of, np.log1p(matrix.data), minlength=matrix.shape[0]) / matrix.shape[1]
+            matrix.data = np.log1p(matrix.data / np.exp(log_mean)[row_of])
+            return sp.csr_matrix(matrix, dtype=np.float32)
+        geometric = np.exp(np.log1p(matrix).mean(axis=1, keepdims=True))
+        return np.log1p(matrix / geometric).astype(np.float32)
     if transform == "normalize_log1p":
         totals = np.asarray(matrix.sum(axis=1)).ravel()
         scale = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
@@ -212,6 +220,9 @@ class AnnDataSource(ModalitySource):
             f"layers/{self.layer}" if self.layer is not None else f"obsm/{self.obsm}"
         )
         if key not in f:
+            if key == "X":
+                layers = sorted(f["layers"]) if "layers" in f else []
+                raise DataError(f"{self.file}: has no X; read a layer instead (layers: {layers or 'none'})")
             parent = "layers" if self.layer is not None else "obsm"
             available = sorted(f[parent]) if parent in f else []
             raise DataError(f"{self.file}: has no {key!r} (available {parent}: {available or 'none'})")
@@ -319,7 +330,7 @@ class TableSource(ModalitySource):
     def describe(self) -> dict[str, Any]:
         described = super().describe()
         # a new file is read by the exact columns the model was trained on
-        described["init_args"].update(features=self.feature_names(), feature_prefix=None, feature_regex=None)
+        described["init_args"].update(features=list(self.feature_names()), feature_prefix=None, feature_regex=None)
         return described
 
     @property

@@ -176,6 +176,7 @@ class PairedDataModule(DataModule):
         metas = {name: self._metadata(name, source) for name, source in self.sources.items()}
         stacked = pd.concat([m[self.keys] for m in metas.values()], ignore_index=True)
         codes, uniques = pd.MultiIndex.from_frame(stacked).factorize()
+        uniques = [_plain_key(u) for u in uniques]  # np.float64(1.0) -> 1.0 in messages
         bounds = np.cumsum([0] + [len(m) for m in metas.values()])
         row_codes = {name: codes[bounds[i]:bounds[i + 1]] for i, name in enumerate(metas)}
 
@@ -303,6 +304,10 @@ class PairedDataModule(DataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
+
+
+def _plain_key(values: tuple) -> tuple:
+    return tuple(v.item() if isinstance(v, np.generic) else v for v in values)
 
 
 def _held_out(fraction: float, n: int) -> int:
