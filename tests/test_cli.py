@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -153,3 +155,27 @@ def test_plugins_command_lists_builtins(capsys):
     main(["plugins"])
     printed = capsys.readouterr().out
     assert re.search(r"ClipLoss\s+unimodality\.plugins\.losses\.clip\.ClipLoss\s+\(unimodality\)", printed)
+
+
+def test_ambiguous_short_name_asks_for_the_full_path(tmp_path):
+    """Two importable classes named ClipLoss: the short name fails and says which full paths exist."""
+    (tmp_path / "other_losses.py").write_text(
+        "from unimodality.loss import ContrastiveLoss\n\n\n"
+        "class ClipLoss(ContrastiveLoss):\n    \"\"\"A second loss called ClipLoss.\"\"\"\n"
+    )
+    full_path = tmp_path / "full_path.yaml"
+    full_path.write_text((CONFIGS / "clip.yaml").read_text().replace(
+        "class_path: ClipLoss", "class_path: unimodality.plugins.losses.clip.ClipLoss"))
+    script = "import sys, other_losses; from unimodality.cli import main; main(sys.argv[1:])"
+
+    def run(config):
+        return subprocess.run([sys.executable, "-c", script, "fit", "--config", str(config), "--print_config"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    ambiguous = run(CONFIGS / "clip.yaml")
+    assert ambiguous.returncode != 0
+    assert "Multiple subclasses with name ClipLoss" in ambiguous.stderr
+    assert "other_losses.ClipLoss" in ambiguous.stderr
+    assert "unimodality.plugins.losses.clip.ClipLoss" in ambiguous.stderr
+    resolved = run(full_path)
+    assert resolved.returncode == 0, resolved.stderr[-2000:]
