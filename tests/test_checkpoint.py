@@ -74,3 +74,23 @@ def test_reloaded_model_saves_and_reloads_again(tmp_path):
     again = CrossModalSetup.load_from_checkpoint(second)
     for key, value in reloaded.state_dict().items():
         torch.testing.assert_close(again.state_dict()[key], value)
+
+
+def test_optimizer_from_config_skips_weight_decay_on_biases_and_scale():
+    model = CrossModalSetup(
+        encoders={"tx": MLPEncoder, "ph": MLPEncoder},
+        optimizer=partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1),
+        lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=3),
+        lr_scheduler_interval="step",
+    )
+    model.build(example_datamodule().schema)
+    config = model.configure_optimizers()
+    optimizer = config["optimizer"]
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert any(p is model.loss.log_scale for p in plain["params"])
+    assert all(p.ndim >= 2 for p in decayed["params"])
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    assert config["lr_scheduler"]["interval"] == "step"

@@ -19,7 +19,8 @@ class Setup(ConfigHyperparameters, LightningModule):
     and a reloaded model can be saved and reloaded again with ``weights_only=True``.
 
     Args:
-        optimizer: optimizer class (with its init args) applied to the trainable parameters.
+        optimizer: optimizer class (with its init args) applied to the trainable parameters; biases, norm
+            gains and scalars (e.g. a logit scale) get no weight decay.
         lr_scheduler: optional learning-rate scheduler class (with its init args).
         lr_scheduler_interval: step the scheduler every ``epoch`` or every optimizer ``step``.
         lr_scheduler_monitor: metric a ``ReduceLROnPlateau`` scheduler watches.
@@ -42,7 +43,13 @@ class Setup(ConfigHyperparameters, LightningModule):
         self.restore_config_hparams(checkpoint)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        # as in CLIP/open_clip: no weight decay on biases, norm gains and scalars such as the logit scale
+        groups = [
+            {"params": [p for p in trainable if p.ndim >= 2]},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = self.optimizer([g for g in groups if g["params"]])
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jsonargparse import lazy_instance
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from unimodality.datamodule import GROUP, INDEX
@@ -34,11 +33,8 @@ class CrossModalSetup(Setup):
         weights: encoder weights file per modality (state dict or checkpoint), e.g. for a frozen tower.
         weights_prefix: key prefix to select and strip in that file, per modality.
         retrieval_k: the ``k`` of the validation recall@k metrics.
-        optimizer: see :class:`unimodality.setup.Setup`.
-        lr_scheduler: see :class:`unimodality.setup.Setup`.
-        lr_scheduler_interval: see :class:`unimodality.setup.Setup`.
-        lr_scheduler_monitor: see :class:`unimodality.setup.Setup`.
         schema: filled in from the data at the start of training; leave unset.
+        **kwargs: optimizer and learning-rate scheduler, see :class:`unimodality.setup.Setup`.
     """
 
     def __init__(
@@ -49,14 +45,11 @@ class CrossModalSetup(Setup):
         modes: dict[str, TowerMode] | None = None,
         weights: dict[str, str] | None = None,
         weights_prefix: dict[str, str] | None = None,
-        retrieval_k: list[int] = [1, 5, 10],  # noqa: B006
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
-        lr_scheduler_monitor: str = "val/loss",
+        retrieval_k: list[int] = [1, 5, 10],
         schema: dict[str, dict[str, Any]] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval, lr_scheduler_monitor)
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         self.encoders = dict(encoders or {})
         self.loss = loss
