@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from unimodality import registry
@@ -87,11 +88,13 @@ class UnimodalityCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "predict":
             trainer.callbacks.append(EmbeddingWriter())
+        if trainer.fast_dev_run:  # a smoke test: leave no checkpoint behind (Lightning would save last.ckpt)
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
         return trainer
 
     def after_fit(self) -> None:
         log_dir = self.trainer.log_dir  # a collective call under DDP: every rank takes part
-        if not self.trainer.is_global_zero:
+        if not self.trainer.is_global_zero or log_dir is None:  # no logger, e.g. fast_dev_run
             return
         checkpoint = self.trainer.checkpoint_callback
         lines = [f"\nRun directory: {log_dir}"]

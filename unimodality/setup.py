@@ -42,6 +42,16 @@ class Setup(ConfigHyperparameters, LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.restore_config_hparams(checkpoint)
 
+    def is_logging_step(self) -> bool:
+        """Whether loggers record this training step's metrics (every ``trainer.log_every_n_steps``).
+
+        Training metrics are logged on these steps only: each ``self.log`` call costs about half a
+        millisecond of Python (a fifth of a small model's step) and, shown in the progress bar, a
+        device-to-host sync on GPUs. What loggers write is the same either way.
+        """
+        every = self.trainer.log_every_n_steps
+        return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
+
     def configure_optimizers(self) -> Any:
         trainable = [p for p in self.parameters() if p.requires_grad]
         # as in CLIP/open_clip: no weight decay on biases, norm gains and scalars such as the logit scale

@@ -127,9 +127,10 @@ class CrossModalSetup(Setup):
         embeddings = {name: self._gather(e, sync_grads=True) for name, e in local.items()}
         loss = self._loss(embeddings, self._gather(batch[GROUP], sync_grads=False))
         batch_size = len(batch[GROUP])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        for key, value in self.loss.extra_metrics().items():
-            self.log(f"train/{key}", value, batch_size=batch_size)
+        if self.is_logging_step():
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+            for key, value in self.loss.extra_metrics().items():
+                self.log(f"train/{key}", value, batch_size=batch_size)
         return loss
 
     def _evaluation_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
