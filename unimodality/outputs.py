@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from unimodality.datamodule import INDEX
+from unimodality.distributed import gather
 
 OBSM_KEY = "X_unimodality"
 OUTPUT_SUFFIXES = (".h5ad", ".parquet")
@@ -91,10 +92,8 @@ class EmbeddingWriter(Callback):
         if write is None or not self._index:
             return
         index, embedding = torch.cat(self._index), torch.cat(self._embedding)
-        if trainer.world_size > 1:
-            # the distributed sampler pads ranks to equal length: gather, then drop the repeats
-            index = pl_module.all_gather(index).flatten(0, 1)
-            embedding = pl_module.all_gather(embedding).flatten(0, 1)
+        # every process's rows; the distributed sampler pads ranks with repeats, dropped below
+        index, embedding = gather(index), gather(embedding)
         if trainer.is_global_zero:
             index = index.cpu().numpy()
             unique, first = np.unique(index, return_index=True)

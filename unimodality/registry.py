@@ -20,6 +20,7 @@ GROUPS: dict[str, str] = {
     "unimodality.encoders": "encoders",
     "unimodality.losses": "losses",
     "unimodality.setups": "setups",
+    "unimodality.augmentations": "augmentations",
 }
 
 

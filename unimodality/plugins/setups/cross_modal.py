@@ -10,7 +10,9 @@ import torch
 from jsonargparse import lazy_instance
 from torch import nn
 
+from unimodality import diagnostics
 from unimodality.datamodule import GROUP, INDEX
+from unimodality.distributed import gather, gather_with_grad
 from unimodality.encoder import Encoder
 from unimodality.loss import ContrastiveLoss
 from unimodality.metrics import CrossModalRecall
@@ -32,6 +34,8 @@ class CrossModalSetup(Setup):
         modes: ``trainable`` (default), ``frozen`` or ``disabled`` per modality.
         weights: encoder weights file per modality (state dict or checkpoint), e.g. for a frozen tower.
         weights_prefix: key prefix to select and strip in that file, per modality.
+        pair_weights: weight of each modality pair's loss, keyed ``"a-b"`` (e.g. ``{"tx-mol": 2.0}``);
+            unnamed pairs weigh 1. The loss is the weighted mean over pairs.
         retrieval_k: the ``k`` of the validation recall@k metrics.
         schema: filled in from the data at the start of training; leave unset.
         **kwargs: optimizer and learning-rate scheduler, see :class:`unimodality.setup.Setup`.
@@ -45,6 +49,7 @@ class CrossModalSetup(Setup):
         modes: dict[str, TowerMode] | None = None,
         weights: dict[str, str] | None = None,
         weights_prefix: dict[str, str] | None = None,
+        pair_weights: dict[str, float] | None = None,
         retrieval_k: list[int] = [1, 5, 10],
         schema: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
@@ -57,6 +62,7 @@ class CrossModalSetup(Setup):
         self.modes = dict(modes or {})
         self.weights = dict(weights or {})
         self.weights_prefix = dict(weights_prefix or {})
+        self.pair_weights = dict(pair_weights or {})
         self.retrieval_k = tuple(retrieval_k)
         self.towers = nn.ModuleDict()
         self.schema: dict[str, dict[str, Any]] | None = None
@@ -87,6 +93,16 @@ class CrossModalSetup(Setup):
                 n_features, self.embed_dim, encoder, mode, self.weights.get(name), self.weights_prefix.get(name)
             )
         self.pairs = list(itertools.combinations(schema, 2))
+        names = {f"{a}-{b}": (a, b) for a, b in self.pairs} | {f"{b}-{a}": (a, b) for a, b in self.pairs}
+        unknown_pairs = sorted(set(self.pair_weights) - set(names))
+        if unknown_pairs:
+            raise ValueError(
+                f"model.pair_weights names {unknown_pairs}, not pairs of the data's modalities; "
+                f"pairs: {[f'{a}-{b}' for a, b in self.pairs]}"
+            )
+        weights = {names[key]: float(w) for key, w in self.pair_weights.items()}
+        self.register_buffer("_pair_weights", torch.tensor([weights.get(p, 1.0) for p in self.pairs]),
+                             persistent=False)
         self.retrieval = nn.ModuleDict({f"{a}->{b}": CrossModalRecall(self.retrieval_k) for a, b in self.pairs})
         self.schema = schema
         self.hparams["schema"] = schema
@@ -112,26 +128,31 @@ class CrossModalSetup(Setup):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.embed(batch)
 
-    def _gather(self, x: torch.Tensor, sync_grads: bool) -> torch.Tensor:
-        """The global batch: every process's rows, in rank order (gradients flow back when training)."""
-        if self.trainer is None or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x, sync_grads=sync_grads).flatten(0, 1)
-
     def _loss(self, embeddings: dict[str, torch.Tensor], group: torch.Tensor) -> torch.Tensor:
-        losses = [self.loss(embeddings[a], embeddings[b], group) for a, b in self.pairs]
-        return torch.stack(losses).mean()
+        losses = torch.stack([self.loss(embeddings[a], embeddings[b], group) for a, b in self.pairs])
+        return (losses * self._pair_weights).sum() / self._pair_weights.sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         local = self.embed(batch)
-        embeddings = {name: self._gather(e, sync_grads=True) for name, e in local.items()}
-        loss = self._loss(embeddings, self._gather(batch[GROUP], sync_grads=False))
+        # the loss sees the global batch: every process's embeddings, with gradients
+        embeddings = {name: gather_with_grad(e) for name, e in local.items()}
+        loss = self._loss(embeddings, gather(batch[GROUP]))
         batch_size = len(batch[GROUP])
         if self.is_logging_step():
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
             for key, value in self.loss.extra_metrics().items():
                 self.log(f"train/{key}", value, batch_size=batch_size)
+            self._log_diagnostics(embeddings, batch_size)
         return loss
+
+    @torch.no_grad()
+    def _log_diagnostics(self, embeddings: dict[str, torch.Tensor], batch_size: int) -> None:
+        for name, e in embeddings.items():
+            self.log(f"train/uniformity/{name}", diagnostics.uniformity(e.float()), batch_size=batch_size)
+        for a, b in self.pairs:
+            ea, eb = embeddings[a].float(), embeddings[b].float()
+            self.log(f"train/alignment/{a}-{b}", diagnostics.alignment(ea, eb), batch_size=batch_size)
+            self.log(f"train/modality_gap/{a}-{b}", diagnostics.modality_gap(ea, eb), batch_size=batch_size)
 
     def _evaluation_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         embeddings = self.embed(batch)
