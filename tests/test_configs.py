@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
 import pytest
 import yaml
 
@@ -50,7 +52,8 @@ def test_training_config_runs(config, tmp_path):
 
 
 def test_ddp_config_runs_two_processes_on_cpu(tmp_path):
-    """configs/trainer/ddp.yaml: two gloo processes train, gathering the global batch for the loss."""
+    """configs/trainer/ddp.yaml: two gloo processes train, gathering the global batch for the loss; then
+    two processes embed a file."""
     result = subprocess.run(
         [sys.executable, "-m", "unimodality", "fit", "--config", str(CONFIGS / "clip.yaml"),
          "--config", str(CONFIGS / "trainer" / "ddp.yaml"), "--trainer.accelerator", "cpu",
@@ -60,4 +63,20 @@ def test_ddp_config_runs_two_processes_on_cpu(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stderr + result.stdout
-    assert (tmp_path / "runs" / "clip" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    checkpoint = tmp_path / "runs" / "clip" / "version_0" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+
+    # predicting with two processes writes every row once, in input order, as one process does
+    outputs = {}
+    for name, extra in (("ddp", ["--trainer.strategy", "ddp", "--trainer.devices", "2"]), ("single", [])):
+        outputs[name] = tmp_path / f"{name}.h5ad"
+        result = subprocess.run(
+            [sys.executable, "-m", "unimodality", "predict", "--ckpt_path", str(checkpoint),
+             "--data.path", "example://transcriptomics.h5ad", "--data.output", str(outputs[name]),
+             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", *extra],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    ddp, single = (ad.read_h5ad(outputs[n]) for n in ("ddp", "single"))
+    assert list(ddp.obs_names) == list(single.obs_names)
+    np.testing.assert_allclose(ddp.obsm["X_unimodality"], single.obsm["X_unimodality"], atol=1e-6)
