@@ -1,5 +1,6 @@
 """unimodality: plugin-based multimodal contrastive learning for biology."""
 
+from unimodality.augmentation import Augmentation
 from unimodality.datamodule import DataModule
 from unimodality.encoder import Encoder
 from unimodality.loss import ContrastiveLoss
@@ -10,6 +11,7 @@ from unimodality.tower import Tower
 __version__ = "0.1.0"
 __all__ = [
     "AnnDataSource",
+    "Augmentation",
     "ContrastiveLoss",
     "DataModule",
     "Encoder",

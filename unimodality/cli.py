@@ -68,11 +68,17 @@ class UnimodalityCLI(LightningCLI):
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
                     "init_args": {"save_dir": "runs", "name": "unimodality"},
                 },
+                # two checkpoints: the best on val/loss, and the latest epoch. (Lightning's save_last only
+                # rewrites last.ckpt when a new best is saved, so it is not the last epoch's weights.)
                 "trainer.callbacks": [
                     {
                         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                        "init_args": {"filename": "best", "monitor": "val/loss", "mode": "min", "save_last": True},
-                    }
+                        "init_args": {"filename": "best", "monitor": "val/loss", "mode": "min"},
+                    },
+                    {
+                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {"filename": "last", "monitor": None, "enable_version_counter": False},
+                    },
                 ],
             }
         )
@@ -96,13 +102,11 @@ class UnimodalityCLI(LightningCLI):
         log_dir = self.trainer.log_dir  # a collective call under DDP: every rank takes part
         if not self.trainer.is_global_zero or log_dir is None:  # no logger, e.g. fast_dev_run
             return
-        checkpoint = self.trainer.checkpoint_callback
         lines = [f"\nRun directory: {log_dir}"]
-        if checkpoint is not None:
+        for checkpoint in self.trainer.checkpoint_callbacks:
             if checkpoint.best_model_path:
-                lines.append(f"  best checkpoint: {checkpoint.best_model_path}")
-            if checkpoint.last_model_path:
-                lines.append(f"  last checkpoint: {checkpoint.last_model_path}")
+                what = f"best on {checkpoint.monitor}" if checkpoint.monitor else "latest"
+                lines.append(f"  {what} checkpoint: {checkpoint.best_model_path}")
         print("\n".join(lines), flush=True)
 
     def predict(self, model: LightningModule, datamodule: Any = None, **kwargs: Any) -> None:

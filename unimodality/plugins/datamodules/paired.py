@@ -126,8 +126,7 @@ class PairedDataModule(DataModule):
             raise ValueError(f"PairedDataModule needs at least two modalities, got {list(modalities)}")
         if not keys:
             raise ValueError("PairedDataModule: keys must name at least one key column")
-        if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise ValueError("PairedDataModule: need 0 <= val_fraction, test_fraction and their sum < 1")
+        check_fractions("PairedDataModule", val_fraction, test_fraction)
         for name, source in modalities.items():
             if source.key_columns is not None and len(source.key_columns) != len(keys):
                 raise ValueError(
@@ -154,29 +153,12 @@ class PairedDataModule(DataModule):
         return {name: source.describe() for name, source in self.sources.items()}
 
     # -- pairing and splits ------------------------------------------------------------------------
-    def _metadata(self, name: str, source: ModalitySource) -> pd.DataFrame:
-        own = source.key_columns or self.keys
-        columns = list(own)
-        has_split = False
-        if self.split_column is not None:
-            has_split = self.split_column in source.read_metadata().columns
-            if has_split:
-                columns.append(self.split_column)
-        meta = source.read_metadata(columns).rename(columns=dict(zip(own, self.keys)))
-        missing = meta[self.keys].isna().any(axis=1).to_numpy()
-        if missing.any():
-            raise DataError(
-                f"{source.file}: {missing.sum()} rows have no value in key column(s) {own} "
-                f"(e.g. rows {np.flatnonzero(missing)[:5].tolist()})"
-            )
-        return meta.reset_index(drop=True)
-
     def _index(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list[tuple]]:
         """Group id of every row per modality, shared group ids, their split, and the key values."""
-        metas = {name: self._metadata(name, source) for name, source in self.sources.items()}
+        metas = {name: read_keys(source, self.keys, self.split_column) for name, source in self.sources.items()}
         stacked = pd.concat([m[self.keys] for m in metas.values()], ignore_index=True)
         codes, uniques = pd.MultiIndex.from_frame(stacked).factorize()
-        uniques = [_plain_key(u) for u in uniques]  # np.float64(1.0) -> 1.0 in messages
+        uniques = [plain_key(u) for u in uniques]  # np.float64(1.0) -> 1.0 in messages
         bounds = np.cumsum([0] + [len(m) for m in metas.values()])
         row_codes = {name: codes[bounds[i]:bounds[i + 1]] for i, name in enumerate(metas)}
 
@@ -202,37 +184,15 @@ class PairedDataModule(DataModule):
 
     def _splits(self, metas, row_codes, shared_codes, uniques) -> np.ndarray:
         if self.split_column is None:
-            rng = np.random.default_rng(self.seed)
-            order = rng.permutation(len(shared_codes))
-            n_val = _held_out(self.val_fraction, len(shared_codes))
-            n_test = _held_out(self.test_fraction, len(shared_codes))
-            split = np.full(len(shared_codes), "train", dtype=object)
-            split[order[:n_val]] = "val"
-            split[order[n_val:n_val + n_test]] = "test"
-            return split
+            return held_out_split(len(shared_codes), self.val_fraction, self.test_fraction, self.seed)
         with_split = [name for name, meta in metas.items() if self.split_column in meta.columns]
         if not with_split:
             files = ", ".join(str(s.file) for s in self.sources.values())
             raise DataError(f"split column {self.split_column!r} is in none of the files ({files})")
-        frames = []
-        for name in with_split:
-            values = metas[name][self.split_column]
-            bad = ~values.isin(SPLITS)
-            if bad.any():
-                raise DataError(
-                    f"{self.sources[name].file}: column {self.split_column!r} must hold train, val or test; "
-                    f"found {sorted(map(str, values[bad].unique()))[:5]} in {bad.sum()} rows"
-                )
-            frames.append(pd.DataFrame({"code": row_codes[name], "split": values.to_numpy()}))
-        per_key = pd.concat(frames).drop_duplicates().groupby("code")["split"].agg(list)
-        conflicts = per_key[per_key.map(len) > 1]
-        if len(conflicts):
-            code = conflicts.index[0]
-            raise DataError(
-                f"{len(conflicts)} keys appear in more than one split, e.g. {dict(zip(self.keys, uniques[code]))} "
-                f"in {sorted(conflicts.iloc[0])}: a perturbation must belong to one split only"
-            )
-        return per_key.reindex(shared_codes).map(lambda s: s[0] if isinstance(s, list) else "train").to_numpy()
+        labelled = [
+            (self.sources[name].file, row_codes[name], metas[name][self.split_column]) for name in with_split
+        ]
+        return split_of_keys(labelled, self.split_column, shared_codes, self.keys, uniques)
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -278,23 +238,8 @@ class PairedDataModule(DataModule):
     def _loader(self, split: str, train: bool) -> DataLoader | list:
         if split not in self.datasets:
             return []  # an empty split: Lightning skips the loop
-        dataset = self.datasets[split]
         batch_size = self.batch_size if train else self.eval_batch_size
-        if train and len(dataset) < batch_size:
-            raise DataError(
-                f"the training split has {len(dataset)} perturbations, fewer than batch_size={batch_size}; "
-                "lower data.batch_size"
-            )
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,  # the loss gathers equal-sized batches from every process
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_batch,
-        )
+        return batch_loader(self.datasets[split], batch_size, train, self.num_workers, self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -306,7 +251,99 @@ class PairedDataModule(DataModule):
         return self._loader("test", train=False)
 
 
-def _plain_key(values: tuple) -> tuple:
+# -- shared with other datamodules (SingleDataModule): keys, splits, loaders ---------------------------
+
+def check_fractions(owner: str, val_fraction: float, test_fraction: float) -> None:
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"{owner}: need 0 <= val_fraction, test_fraction and their sum < 1")
+
+
+def read_keys(source: ModalitySource, keys: list[str], split_column: str | None) -> pd.DataFrame:
+    """The key columns of a source (renamed to ``keys``) and its split column when it has one.
+
+    Rows missing a key value are an error naming the file and rows.
+    """
+    own = source.key_columns or keys
+    columns = list(own)
+    if split_column is not None and split_column in source.read_metadata().columns:
+        columns.append(split_column)
+    meta = source.read_metadata(columns).rename(columns=dict(zip(own, keys)))
+    missing = meta[keys].isna().any(axis=1).to_numpy()
+    if missing.any():
+        raise DataError(
+            f"{source.file}: {missing.sum()} rows have no value in key column(s) {own} "
+            f"(e.g. rows {np.flatnonzero(missing)[:5].tolist()})"
+        )
+    return meta.reset_index(drop=True)
+
+
+def held_out_split(n: int, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """Split of ``n`` items (keys, or rows): seeded held-out fractions for val and test, the rest train."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    n_val = _held_out(val_fraction, n)
+    n_test = _held_out(test_fraction, n)
+    split = np.full(n, "train", dtype=object)
+    split[order[:n_val]] = "val"
+    split[order[n_val:n_val + n_test]] = "test"
+    return split
+
+
+def check_split_values(file: Any, column: str, values: pd.Series) -> None:
+    bad = ~values.isin(SPLITS)
+    if bad.any():
+        raise DataError(
+            f"{file}: column {column!r} must hold train, val or test; "
+            f"found {sorted(map(str, values[bad].unique()))[:5]} in {bad.sum()} rows"
+        )
+
+
+def split_of_keys(
+    labelled: list[tuple[Any, np.ndarray, pd.Series]], column: str, codes: np.ndarray, keys: list[str],
+    uniques: list[tuple],
+) -> np.ndarray:
+    """The split of each key of ``codes`` from split columns: ``(file, key code per row, split per row)``.
+
+    A key found in two splits is an error.
+    """
+    frames = []
+    for file, row_codes, values in labelled:
+        check_split_values(file, column, values)
+        frames.append(pd.DataFrame({"code": row_codes, "split": values.to_numpy()}))
+    per_key = pd.concat(frames).drop_duplicates().groupby("code")["split"].agg(list)
+    conflicts = per_key[per_key.map(len) > 1]
+    if len(conflicts):
+        code = conflicts.index[0]
+        raise DataError(
+            f"{len(conflicts)} keys appear in more than one split, e.g. {dict(zip(keys, uniques[code]))} "
+            f"in {sorted(conflicts.iloc[0])}: a perturbation must belong to one split only"
+        )
+    return per_key.reindex(codes).map(lambda s: s[0] if isinstance(s, list) else "train").to_numpy()
+
+
+def batch_loader(
+    dataset: Dataset, batch_size: int, train: bool, num_workers: int, pin_memory: bool, unit: str = "perturbations"
+) -> DataLoader:
+    """A loader of whole batches (``__getitems__``); training shuffles and drops the last partial batch."""
+    if train and len(dataset) < batch_size:
+        raise DataError(
+            f"the training split has {len(dataset)} {unit}, fewer than batch_size={batch_size}; "
+            "lower data.batch_size"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,  # the loss gathers equal-sized batches from every process
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        collate_fn=collate_batch,
+    )
+
+
+def plain_key(values: tuple) -> tuple:
+    """Key values as plain Python scalars (np.float64(1.0) -> 1.0 in messages)."""
     return tuple(v.item() if isinstance(v, np.generic) else v for v in values)
 
 

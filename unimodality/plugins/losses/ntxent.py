@@ -1,0 +1,67 @@
+"""SimCLR's NT-Xent loss (Chen et al. 2020), with optional replicate-aware positives."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from unimodality.loss import ContrastiveLoss
+
+
+class NTXentLoss(ContrastiveLoss):
+    """Normalized-temperature cross entropy over the ``2N`` views ``z = cat(a, b)``.
+
+    ``s_ij = z_i . z_j / temperature``; each view ``i`` is an anchor whose softmax runs over all other
+    views (its own similarity excluded):
+
+    ``L = 1/(2N) * sum_i -1/|P(i)| * sum_{p in P(i)} log( exp(s_ip) / sum_{k != i} exp(s_ik) )``
+
+    ``P(i)`` is the other view of the same sample (``i <-> i + N``: textbook SimCLR) or, with
+    ``use_groups``, every other view of a sample of the same perturbation, both views and both halves
+    (the supervised-contrastive "L_out" form of Khosla et al. 2020: the mean of the log-probabilities
+    over the positives). The view itself is never a positive nor in the denominator. Works for SimCLR
+    (``a``, ``b``: two augmentations of the same samples) and cross-modally (``a``, ``b``: two modalities;
+    unlike CLIP's loss, samples of the same modality are then negatives too).
+
+    Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
+    Representations", ICML 2020.
+
+    Args:
+        temperature: softmax temperature ``tau`` (SimCLR: 0.1 to 0.5).
+        learn_temperature: learn the temperature (stored in log space) or keep it fixed (SimCLR).
+        min_temperature: a learned temperature is clamped to at least this value.
+        use_groups: treat samples of the same perturbation as positives.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        learn_temperature: bool = False,
+        min_temperature: float = 0.01,
+        use_groups: bool = True,
+    ) -> None:
+        super().__init__(use_groups=use_groups)
+        if not 0 < min_temperature <= temperature:
+            raise ValueError(
+                f"NTXentLoss: need 0 < min_temperature <= temperature, got {min_temperature} and {temperature}")
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
+        self.min_log_temperature = math.log(min_temperature)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.clamp(min=self.min_log_temperature).exp()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+        n = a.shape[0]
+        z = torch.cat([a, b])
+        is_self = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+        logits = (z @ z.T / self.temperature).masked_fill(is_self, float("-inf"))
+        # positives across both halves; without groups: the other view of the same sample
+        positive = self.positives(group, n, z.device).repeat(2, 2) & ~is_self
+        log_prob = logits.log_softmax(dim=1).masked_fill(~positive, 0.0)  # also clears the -inf diagonal
+        return -(log_prob.sum(dim=1) / positive.sum(dim=1)).mean()
+
+    def extra_metrics(self) -> dict[str, torch.Tensor]:
+        return {"temperature": self.temperature.detach()}

@@ -1,0 +1,66 @@
+"""SigLIP's pairwise sigmoid loss (Zhai et al. 2023), with optional replicate-aware positives."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unimodality.loss import ContrastiveLoss
+
+
+class SigLipLoss(ContrastiveLoss):
+    """Pairwise sigmoid loss on L2-normalised embeddings with a learnable scale and bias.
+
+    Every pair ``(i, j)`` of the batch is an independent binary classification, positive or negative:
+
+    ``L = -1/|B| * sum_i sum_j log sigmoid(z_ij * (t * a_i . b_j + bias))``
+
+    with ``z_ij = +1`` for positive pairs and ``-1`` otherwise. Positives are the diagonal (textbook
+    SigLIP) or, with ``use_groups``, every pair of samples of the same perturbation (so replicates are
+    not pushed apart as false negatives). Note the normalisation by the batch size ``|B|``, not by the
+    number of pairs, as in the paper: the loss grows with the batch. The scale ``t`` is stored as
+    ``log t`` (initial ``t = 10``) and the bias starts at ``-10``, the paper's initialisation, which
+    keeps the initial loss small despite the many negatives.
+
+    Zhai, Mustafa, Kolesnikov, Beyer, "Sigmoid Loss for Language Image Pre-Training", ICCV 2023.
+
+    Args:
+        init_scale: initial scale ``t`` (an inverse temperature), 10 as in SigLIP.
+        init_bias: initial bias, -10 as in SigLIP.
+        max_scale: the scale is clamped to at most this value.
+        learn_scale: learn the scale (stored in log space) or keep it fixed.
+        learn_bias: learn the bias or keep it fixed.
+        use_groups: treat samples of the same perturbation as positives.
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 10.0,
+        init_bias: float = -10.0,
+        max_scale: float = 100.0,
+        learn_scale: bool = True,
+        learn_bias: bool = True,
+        use_groups: bool = True,
+    ) -> None:
+        super().__init__(use_groups=use_groups)
+        if not 0 < init_scale <= max_scale:
+            raise ValueError(f"SigLipLoss: need 0 < init_scale <= max_scale, got {init_scale} and {max_scale}")
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learn_scale)
+        self.bias = nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learn_bias)
+        self.max_log_scale = math.log(max_scale)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=self.max_log_scale).exp()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.scale * a @ b.T + self.bias
+        positive = self.positives(group, a.shape[0], a.device)
+        signs = positive.to(logits.dtype) * 2 - 1  # +1 for positives, -1 for negatives
+        return -F.logsigmoid(signs * logits).sum() / a.shape[0]
+
+    def extra_metrics(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.scale.detach(), "bias": self.bias.detach()}

@@ -1,0 +1,196 @@
+"""SimCLR (Chen et al. 2020): self-supervised contrastive learning of one modality from augmented views."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jsonargparse import lazy_instance
+from torch import nn
+
+from unimodality import diagnostics
+from unimodality.augmentation import Augmentation, Compose
+from unimodality.datamodule import GROUP, INDEX
+from unimodality.distributed import gather, gather_with_grad
+from unimodality.encoder import Encoder
+from unimodality.loss import ContrastiveLoss
+from unimodality.metrics import SameGroupRecall
+from unimodality.plugins.losses.ntxent import NTXentLoss
+from unimodality.setup import Setup
+
+log = logging.getLogger(__name__)
+
+#: seed of the augmented views of validation/test batches (so the evaluation loss is repeatable)
+EVALUATION_SEED = 2020
+
+
+class SimCLRSetup(Setup):
+    """SimCLR on one modality: two augmented views of each sample, encoder, projection head, NT-Xent.
+
+    ``view -> encoder -> representation -> projection head (Linear, ReLU, Linear) -> L2 normalisation``;
+    the loss pulls the two views of a sample together (and, with a loss using groups, every sample of the
+    same perturbation) and pushes the rest of the global batch away. As in SimCLR, the projection is for
+    the loss only: ``predict`` (and the validation retrieval metric) use the encoder's representation.
+    The encoder is built from the data's schema, which is stored in the checkpoint, so a trained model
+    embeds new files with no config; its weights are the checkpoint's ``encoder.*`` keys (e.g. for a
+    ``CrossModalSetup`` tower: ``weights_prefix: encoder.``).
+
+    Validation and test log the loss on two augmented views (augmentations are applied in evaluation
+    too, from a fixed seed, so the value is repeatable; the encoder is in eval mode) and, when samples
+    share groups (a datamodule with ``keys``), ``recall@k``: how often another replicate of a sample's
+    perturbation is among the ``k`` nearest representations (the sample itself excluded).
+
+    Args:
+        encoder: the encoder; its input size is filled in from the data.
+        augmentations: applied in order to make each view (each with its own probability). With none,
+            the two views differ only by the encoder's dropout (as in SimCSE).
+        loss: contrastive loss of the two views' projections (global batch, with group ids).
+        embed_dim: output size of the projection head (what the loss sees).
+        projection_hidden: hidden width of the projection head; default: the encoder's output width.
+        retrieval_k: the ``k`` of the evaluation recall@k metrics.
+        schema: filled in from the data at the start of training; leave unset.
+        **kwargs: optimizer and learning-rate scheduler, see :class:`unimodality.setup.Setup`.
+    """
+
+    def __init__(
+        self,
+        encoder: Callable[[int], Encoder] | None = None,
+        augmentations: list[Augmentation] | None = None,
+        loss: ContrastiveLoss = lazy_instance(NTXentLoss),
+        embed_dim: int = 128,
+        projection_hidden: int | None = None,
+        retrieval_k: list[int] = [1, 5, 10],
+        schema: dict[str, dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if embed_dim < 1 or (projection_hidden is not None and projection_hidden < 1):
+            raise ValueError("SimCLRSetup: embed_dim and projection_hidden must be at least 1")
+        self.make_encoder = encoder
+        self.augmentations = Compose(list(augmentations or []))
+        self.loss = loss
+        self.embed_dim = embed_dim
+        self.projection_hidden = projection_hidden
+        self.retrieval_k = tuple(retrieval_k)
+        self.retrieval = SameGroupRecall(self.retrieval_k)
+        self.encoder: Encoder | None = None
+        self.projection: nn.Module | None = None
+        self.modality: str | None = None
+        self.schema: dict[str, dict[str, Any]] | None = None
+        if schema is not None:
+            self.build(schema)
+
+    # -- building from the data's schema -------------------------------------------------------------
+    def build(self, schema: dict[str, dict[str, Any]]) -> None:
+        """Create the encoder and projection head for the one modality of ``schema``."""
+        if len(schema) != 1:
+            raise ValueError(
+                f"SimCLRSetup learns one modality; the data has {sorted(schema)}: use a single-modality "
+                "datamodule such as SingleDataModule"
+            )
+        if self.make_encoder is None:
+            raise ValueError("SimCLRSetup has no encoder: set model.encoder (e.g. MLPEncoder)")
+        (name, entry), = schema.items()
+        n_features = len(entry["features"])
+        encoder = self.make_encoder(n_features)
+        if encoder.in_features != n_features:
+            raise ValueError(f"encoder expects {encoder.in_features} input features, data has {n_features}")
+        width = encoder.out_features
+        hidden = self.projection_hidden or width
+        self.encoder = encoder
+        self.projection = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, self.embed_dim))
+        self.modality = name
+        self.schema = schema
+        self.hparams["schema"] = schema
+        self._hparams_initial["schema"] = schema
+        if not len(self.augmentations):
+            log.warning("SimCLRSetup has no augmentations: the two views differ only by the encoder's dropout")
+
+    def setup(self, stage: str) -> None:
+        if self.schema is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        schema = getattr(datamodule, "schema", None)
+        if schema is None:
+            raise RuntimeError(
+                "SimCLRSetup builds its encoder from the data: train it with a unimodality datamodule, "
+                "or load a trained checkpoint"
+            )
+        self.build(schema)
+
+    # -- the model -------------------------------------------------------------------------------------
+    def _input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.modality not in batch:
+            raise ValueError(f"SimCLRSetup learns modality {self.modality!r}; the batch holds {list(batch)}")
+        return batch[self.modality]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation (encoder output) of ``x``: what ``predict`` returns."""
+        return self.encoder(x)
+
+    def project(self, representation: torch.Tensor) -> torch.Tensor:
+        """L2-normalised projections of representations: what the loss sees."""
+        return F.normalize(self.projection(representation), dim=-1)
+
+    def _views(self, x: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Projections of two augmented views of ``x`` (one encoder pass over both)."""
+        views = torch.cat([augment(x), augment(x)])
+        return self.project(self.encoder(views)).split(x.shape[0])
+
+    # -- steps -------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        a, b = self._views(self._input(batch), self.augmentations)
+        # the loss sees the global batch: every process's projections, with gradients
+        a, b = gather_with_grad(a), gather_with_grad(b)
+        loss = self.loss(a, b, gather(batch[GROUP]))
+        batch_size = len(batch[GROUP])
+        if self.is_logging_step():
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+            for key, value in self.loss.extra_metrics().items():
+                self.log(f"train/{key}", value, batch_size=batch_size)
+            with torch.no_grad():
+                self.log("train/alignment", diagnostics.alignment(a.float(), b.float()), batch_size=batch_size)
+                self.log("train/uniformity", diagnostics.uniformity(a.float()), batch_size=batch_size)
+        return loss
+
+    @contextlib.contextmanager
+    def _evaluation_rng(self, batch_idx: int) -> Iterator[None]:
+        """Fixed augmentations for evaluation batches, without touching the training random stream."""
+        devices = [] if self.device.type == "cpu" else [self.device.index or 0]  # the CPU's is always forked
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(EVALUATION_SEED + 1_000_003 * self.global_rank + batch_idx)
+            yield
+
+    def _evaluation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
+        x, group = self._input(batch), batch[GROUP]
+        self.retrieval.update(self.encoder(x), group)
+        with self._evaluation_rng(batch_idx):
+            a, b = self._views(x, self.augmentations.augment)  # augmented, although in eval mode
+        loss = self.loss(a, b, group)
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(group))
+        return loss
+
+    def _log_retrieval(self, stage: str) -> None:
+        for name, value in self.retrieval.compute().items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "recall@1")
+        self.retrieval.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._evaluation_step(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_retrieval("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._evaluation_step(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_retrieval("test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {INDEX: batch[INDEX], "embedding": self.encoder(self._input(batch))}
