@@ -39,6 +39,30 @@ class Setup(ConfigHyperparameters, LightningModule):
         self.lr_scheduler_interval = lr_scheduler_interval
         self.lr_scheduler_monitor = lr_scheduler_monitor
 
+    #: what the data looks like (modality -> source settings and feature names); see ``DataModule.schema``
+    schema: dict[str, dict[str, Any]] | None = None
+
+    def build(self, schema: dict[str, dict[str, Any]]) -> None:
+        """Create the modules that depend on the data (input sizes), then ``remember_schema(schema)``."""
+        raise NotImplementedError
+
+    def remember_schema(self, schema: dict[str, dict[str, Any]]) -> None:
+        """Store the schema in the hyperparameters, so a checkpoint rebuilds the model with no config."""
+        self.schema = schema
+        self.hparams["schema"] = schema
+        self._hparams_initial["schema"] = schema
+
+    def setup(self, stage: str) -> None:
+        if self.schema is not None:  # given at init (a checkpoint) or built already
+            return
+        schema = getattr(getattr(self.trainer, "datamodule", None), "schema", None)
+        if schema is None:
+            raise RuntimeError(
+                f"{type(self).__name__} builds its modules from the data: train it with a unimodality "
+                "datamodule, or load a trained checkpoint"
+            )
+        self.build(schema)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.restore_config_hparams(checkpoint)
 

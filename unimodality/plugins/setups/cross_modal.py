@@ -65,7 +65,6 @@ class CrossModalSetup(Setup):
         self.pair_weights = dict(pair_weights or {})
         self.retrieval_k = tuple(retrieval_k)
         self.towers = nn.ModuleDict()
-        self.schema: dict[str, dict[str, Any]] | None = None
         self.retrieval = nn.ModuleDict()
         self.pairs: list[tuple[str, str]] = []
         if schema is not None:
@@ -104,21 +103,7 @@ class CrossModalSetup(Setup):
         self.register_buffer("_pair_weights", torch.tensor([weights.get(p, 1.0) for p in self.pairs]),
                              persistent=False)
         self.retrieval = nn.ModuleDict({f"{a}->{b}": CrossModalRecall(self.retrieval_k) for a, b in self.pairs})
-        self.schema = schema
-        self.hparams["schema"] = schema
-        self._hparams_initial["schema"] = schema
-
-    def setup(self, stage: str) -> None:
-        if self.schema is not None:
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        schema = getattr(datamodule, "schema", None)
-        if schema is None:
-            raise RuntimeError(
-                "CrossModalSetup builds its towers from the data: train it with a unimodality datamodule, "
-                "or load a trained checkpoint"
-            )
-        self.build(schema)
+        self.remember_schema(schema)
 
     # -- steps -------------------------------------------------------------------------------------------
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

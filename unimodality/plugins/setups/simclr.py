@@ -81,7 +81,6 @@ class SimCLRSetup(Setup):
         self.encoder: Encoder | None = None
         self.projection: nn.Module | None = None
         self.modality: str | None = None
-        self.schema: dict[str, dict[str, Any]] | None = None
         if schema is not None:
             self.build(schema)
 
@@ -105,23 +104,9 @@ class SimCLRSetup(Setup):
         self.encoder = encoder
         self.projection = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, self.embed_dim))
         self.modality = name
-        self.schema = schema
-        self.hparams["schema"] = schema
-        self._hparams_initial["schema"] = schema
+        self.remember_schema(schema)
         if not len(self.augmentations):
             log.warning("SimCLRSetup has no augmentations: the two views differ only by the encoder's dropout")
-
-    def setup(self, stage: str) -> None:
-        if self.schema is not None:
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        schema = getattr(datamodule, "schema", None)
-        if schema is None:
-            raise RuntimeError(
-                "SimCLRSetup builds its encoder from the data: train it with a unimodality datamodule, "
-                "or load a trained checkpoint"
-            )
-        self.build(schema)
 
     # -- the model -------------------------------------------------------------------------------------
     def _input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,198 @@
+"""Forward+backward time and peak memory of every built-in loss, next to a naive reference.
+
+The naive reference computes the same loss the way a direct transcription of the formula does: one
+Python iteration per anchor, each vectorised over the candidates. Both are run in the same invocation,
+on the same inputs, and must agree (the script checks it). Each measurement runs in a fresh process:
+memory is the rise of the process's peak resident set (CPU) or of ``torch.cuda.max_memory_allocated``
+(GPU) over one forward+backward, measured before any warm-up; time is the median of ``--repeats`` runs.
+
+    python benchmarks/losses.py                         # batch 256/1024/4096 x dim 256/512
+    python benchmarks/losses.py --batch 256 1024 --dim 256 --repeats 3
+    python benchmarks/losses.py --device cuda
+
+Writes ``benchmarks/results/losses.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results" / "losses.json"
+LOSSES = ("ClipLoss", "SigLipLoss", "HopfieldLoss", "NTXentLoss")
+
+
+# -- naive references: one anchor at a time --------------------------------------------------------
+def _positives(group: torch.Tensor, i: int) -> torch.Tensor:
+    return (group == group[i]).to(torch.get_default_dtype())
+
+
+def naive_clip(loss, a, b, group):
+    scale = loss.scale
+    total = 0.0
+    for q, c in ((a, b), (b, a)):
+        for i in range(len(q)):
+            target = _positives(group, i).to(q.dtype)
+            total = total - (target / target.sum() * F.log_softmax(scale * (c @ q[i]), dim=0)).sum()
+    return total / (2 * len(a))
+
+
+def naive_siglip(loss, a, b, group):
+    total = 0.0
+    for i in range(len(a)):
+        sign = 2 * _positives(group, i).to(a.dtype) - 1
+        total = total - F.logsigmoid(sign * (loss.scale * (b @ a[i]) + loss.bias)).sum()
+    return total / len(a)
+
+
+def _retrieve(state, stored, beta):
+    rows = [stored.T @ torch.softmax(beta * (stored @ state[i]), dim=0) for i in range(len(state))]
+    return F.normalize(torch.stack(rows), dim=1)
+
+
+def _info_loob(x, y, group, inv_tau):
+    total = 0.0
+    for i in range(len(x)):
+        positive = _positives(group, i).bool()
+        k = inv_tau * (y @ x[i])
+        negatives = k[~positive]
+        lse = torch.logsumexp(negatives, dim=0) if negatives.numel() else k.new_zeros(())
+        total = total + (-k[positive].mean() + lse) / inv_tau
+    return total / len(x)
+
+
+def naive_hopfield(loss, a, b, group):
+    beta, inv_tau = loss.scale_hopfield, loss.inv_tau
+    u_xx, u_xy = _retrieve(a, a, beta), _retrieve(b, a, beta)
+    u_yy, u_yx = _retrieve(b, b, beta), _retrieve(a, b, beta)
+    return _info_loob(u_xx, u_xy, group, inv_tau) + _info_loob(u_yy, u_yx, group, inv_tau)
+
+
+def naive_ntxent(loss, a, b, group):
+    z = torch.cat([a, b])
+    views = torch.cat([group, group])
+    total = 0.0
+    for i in range(len(z)):
+        logits = z @ z[i] / loss.temperature
+        logits = logits.masked_fill(torch.arange(len(z)) == i, float("-inf"))
+        positive = (views == views[i]) & (torch.arange(len(z)) != i)
+        total = total - F.log_softmax(logits, dim=0)[positive].mean()
+    return total / len(z)
+
+
+NAIVE = {"ClipLoss": naive_clip, "SigLipLoss": naive_siglip, "HopfieldLoss": naive_hopfield,
+         "NTXentLoss": naive_ntxent}
+
+
+# -- one measurement (in a child process) -----------------------------------------------------------
+def measure(name: str, impl: str, batch: int, dim: int, repeats: int, device: str) -> dict:
+    from unimodality import registry
+
+    torch.manual_seed(0)
+    loss = registry.registered("losses")[name][0].cls().to(device)
+    group = torch.randint(0, batch // 4, (batch,), device=device)  # about four replicates per perturbation
+    a0 = F.normalize(torch.randn(batch, dim, device=device), dim=1)
+    b0 = F.normalize(torch.randn(batch, dim, device=device), dim=1)
+    compute = (lambda a, b: loss(a, b, group)) if impl == "unimodality" else (
+        lambda a, b: NAIVE[name](loss, a, b, group))
+
+    def step() -> float:
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        value = compute(a, b)
+        value.backward()
+        return float(value)
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    value = step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"loss": name, "impl": impl, "batch": batch, "dim": dim, "value": value,
+            "seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
+
+
+def run_child(name, impl, batch, dim, repeats, device) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", name, impl, str(batch), str(dim), str(repeats), device],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--dim", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, impl, batch, dim, repeats, device = args.child
+        print(json.dumps(measure(name, impl, int(batch), int(dim), int(repeats), device)))
+        return
+
+    rows = []
+    header = f"{'loss':13s} {'batch':>5s} {'dim':>4s} {'ms':>9s} {'naive ms':>9s} {'speedup':>8s} " \
+             f"{'MiB':>8s} {'naive MiB':>9s} {'mem ratio':>9s}  agree"
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}\n{header}")
+    for name in args.losses:
+        for batch in args.batch:
+            for dim in args.dim:
+                ours = run_child(name, "unimodality", batch, dim, args.repeats, args.device)
+                # the naive loop is slow at large batches: fewer repeats keep the run short
+                naive = run_child(name, "naive", batch, dim, max(1, args.repeats // 2), args.device)
+                agree = abs(ours["value"] - naive["value"]) <= 1e-4 * max(1.0, abs(naive["value"]))
+                row = {
+                    **{k: ours[k] for k in ("loss", "batch", "dim")},
+                    "seconds": ours["seconds"], "naive_seconds": naive["seconds"],
+                    "speedup": naive["seconds"] / ours["seconds"],
+                    "peak_mib": ours["peak_bytes"] / 2**20, "naive_peak_mib": naive["peak_bytes"] / 2**20,
+                    "memory_ratio": (ours["peak_bytes"] / naive["peak_bytes"]) if naive["peak_bytes"] else None,
+                    "value": ours["value"], "naive_value": naive["value"], "agree": agree,
+                }
+                rows.append(row)
+                ratio = f"{row['memory_ratio']:.2f}" if row["memory_ratio"] is not None else "n/a"
+                print(f"{name:13s} {batch:5d} {dim:4d} {1e3 * row['seconds']:9.2f} "
+                      f"{1e3 * row['naive_seconds']:9.1f} {row['speedup']:7.1f}x {row['peak_mib']:8.1f} "
+                      f"{row['naive_peak_mib']:9.1f} {ratio:>9s}  {'yes' if agree else 'NO'}", flush=True)
+    print("\nspeedup = naive time / unimodality time (forward+backward); mem ratio = unimodality / naive "
+          "peak memory rise")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({
+        "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.platform(), "processor": platform.processor(), "rows": rows,
+    }, indent=2))
+    print(f"wrote {args.output}")
+    if not all(r["agree"] for r in rows):
+        sys.exit("some losses disagree with their naive reference")
+
+
+if __name__ == "__main__":
+    main()
