@@ -201,6 +201,10 @@ def main(args: list[str] | None = None) -> None:
         parser_kwargs={"description": DESCRIPTION, "formatter_class": _raw_formatter()},
         args=None if from_command_line else checkpoint_arguments(args),
     )
+    # leave no process group for interpreter shutdown: gloo's threads can then abort the process
+    # ("terminate called without an active exception") after a successful distributed run
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _raw_formatter():
