@@ -14,8 +14,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
 
 from unimodality.config import ConfigHyperparameters
+from unimodality.sources import DataError
 
 GROUP = "group"
 INDEX = "index"
@@ -45,3 +47,53 @@ def take_rows(matrix: np.ndarray | sp.csr_matrix, rows: np.ndarray) -> torch.Ten
 def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Datasets here fetch whole batches (``__getitems__``), so collation has nothing left to do."""
     return batch
+
+
+class SplitDataModule(DataModule):
+    """A datamodule holding one dataset per split (``train``/``val``/``test``) in ``self.datasets``.
+
+    Subclasses fill ``self.datasets`` in ``setup`` and set ``batch_size``, ``eval_batch_size``,
+    ``num_workers`` and ``pin_memory``; the loaders, and freeing the data in ``teardown``, are shared.
+    """
+
+    #: what one training example is, for messages
+    unit = "perturbations"
+    datasets: dict[str, Dataset]
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+    pin_memory: bool
+
+    def teardown(self, stage: str) -> None:
+        self.datasets.clear()
+
+    def _loader(self, split: str, train: bool) -> DataLoader | list:
+        if split not in self.datasets:
+            return []  # an empty split: Lightning skips the loop
+        dataset = self.datasets[split]
+        batch_size = self.batch_size if train else self.eval_batch_size
+        if train and len(dataset) < batch_size:
+            raise DataError(
+                f"the training split has {len(dataset)} {self.unit}, fewer than batch_size={batch_size}; "
+                "lower data.batch_size"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,  # every training step sees the same number of negatives
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_batch,
+        )
+
+    def train_dataloader(self) -> DataLoader | list:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._loader("test", train=False)
+

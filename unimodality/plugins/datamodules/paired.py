@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from unimodality.datamodule import GROUP, DataModule, collate_batch, take_rows
+from unimodality.datamodule import GROUP, SplitDataModule, take_rows
 from unimodality.sources import DataError, Matrix, ModalitySource
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class PairedDataset(Dataset):
         return {k: v[0] for k, v in self.__getitems__([index]).items()}
 
 
-class PairedDataModule(DataModule):
+class PairedDataModule(SplitDataModule):
     """Two or more modalities paired by key columns, e.g. ``[smiles, concentration]``.
 
     A perturbation (key) may have several replicates in each modality. A training example is one
@@ -232,26 +232,9 @@ class PairedDataModule(DataModule):
         sizes = ", ".join(f"{s}: {len(self.datasets[s].groups)} perturbations" for s in wanted if s in self.datasets)
         log.info("PairedDataModule %s", sizes)
 
-    def teardown(self, stage: str) -> None:
-        self.datasets.clear()
-
-    def _loader(self, split: str, train: bool) -> DataLoader | list:
-        if split not in self.datasets:
-            return []  # an empty split: Lightning skips the loop
-        batch_size = self.batch_size if train else self.eval_batch_size
-        return batch_loader(self.datasets[split], batch_size, train, self.num_workers, self.pin_memory)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
 
 
-# -- shared with other datamodules (SingleDataModule): keys, splits, loaders ---------------------------
+# -- shared with other datamodules (SingleDataModule): keys and splits ---------------------------
 
 def check_fractions(owner: str, val_fraction: float, test_fraction: float) -> None:
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
@@ -319,27 +302,6 @@ def split_of_keys(
             f"in {sorted(conflicts.iloc[0])}: a perturbation must belong to one split only"
         )
     return per_key.reindex(codes).map(lambda s: s[0] if isinstance(s, list) else "train").to_numpy()
-
-
-def batch_loader(
-    dataset: Dataset, batch_size: int, train: bool, num_workers: int, pin_memory: bool, unit: str = "perturbations"
-) -> DataLoader:
-    """A loader of whole batches (``__getitems__``); training shuffles and drops the last partial batch."""
-    if train and len(dataset) < batch_size:
-        raise DataError(
-            f"the training split has {len(dataset)} {unit}, fewer than batch_size={batch_size}; "
-            "lower data.batch_size"
-        )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train,
-        drop_last=train,  # the loss gathers equal-sized batches from every process
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        collate_fn=collate_batch,
-    )
 
 
 def plain_key(values: tuple) -> tuple:

@@ -8,11 +8,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from unimodality.datamodule import GROUP, DataModule, take_rows
+from unimodality.datamodule import GROUP, SplitDataModule, take_rows
 from unimodality.plugins.datamodules.paired import (
-    batch_loader,
     check_fractions,
     check_split_values,
     held_out_split,
@@ -51,7 +50,9 @@ class SingleDataset(Dataset):
         return {k: v[0] for k, v in self.__getitems__([index]).items()}
 
 
-class SingleDataModule(DataModule):
+class SingleDataModule(SplitDataModule):
+    unit = "rows"
+
     """The rows of one file of one modality; every row is a training example, every epoch.
 
     With ``keys`` (e.g. ``[smiles, concentration]``), batches carry the integer ``group`` id of each row's
@@ -172,20 +173,3 @@ class SingleDataModule(DataModule):
         )
         log.info("SingleDataModule %s", sizes)
 
-    def teardown(self, stage: str) -> None:
-        self.datasets.clear()
-
-    def _loader(self, split: str, train: bool) -> DataLoader | list:
-        if split not in self.datasets:
-            return []  # an empty split: Lightning skips the loop
-        batch_size = self.batch_size if train else self.eval_batch_size
-        return batch_loader(self.datasets[split], batch_size, train, self.num_workers, self.pin_memory, unit="rows")
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
