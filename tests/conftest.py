@@ -14,11 +14,11 @@ def example_data_dir(tmp_path_factory) -> Path:
     """Generate the example data once per session into a temporary cache (never the user's)."""
     root = tmp_path_factory.mktemp("unimodality-data")
     os.environ["UNIMODALITY_DATA_DIR"] = str(root)
-    from unimodality.example_data import FILES, resolve_path
+    from unimodality.example_data import FILES, VERSION, resolve_path
 
     for name in FILES:
         resolve_path(f"example://{name}")
-    return root / "example-v1"
+    return root / f"example-{VERSION}"
 
 
 @pytest.fixture

@@ -35,6 +35,8 @@ def test_shape_and_pairing(example_data_dir):
     splits = pd.concat([tx.obs[[*keys, "split"]], ph[[*keys, "split"]]]).astype(str).drop_duplicates()
     assert not splits.duplicated(keys).any()
     assert set(splits["split"]) == {"train", "val", "test"}
+    # ... and so does a compound at every concentration: held-out perturbations are unseen molecules
+    assert not splits[["smiles", "split"]].drop_duplicates().duplicated("smiles").any()
 
 
 def test_example_data_command_writes_files(tmp_path, capsys):

@@ -488,6 +488,7 @@ def test_describe_anndata(h5ad_files):
         "class_path": "unimodality.sources.AnnDataSource",
         "init_args": {"layer": "scaled", "obsm": None, "key_columns": ["sample"], "transform": "log1p"},
         "features": GENES,
+        "input": "vectors",
     }
     # the description rebuilds a source that reads a new file the same way
     rebuilt = AnnDataSource(str(h5ad_files["dense"]), **described["init_args"])

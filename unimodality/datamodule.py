@@ -1,9 +1,10 @@
 """The datamodule interface and the batch convention.
 
-A batch is a dict keyed by modality name (``"tx"``, ``"ph"``, ...) holding float tensors of shape
-``(batch, features)``, plus ``"group"``: the integer id of each sample's pairing key (perturbation), so a
-loss can treat samples of the same perturbation as positives. Prediction batches hold one modality and
-``"index"``, the row of each sample in the input file.
+A batch is a dict keyed by modality name (``"tx"``, ``"ph"``, ...) holding each modality's input (float
+tensors of shape ``(batch, features)`` for vectors, ``(batch, channels, height, width)`` for images, a
+``torch_geometric`` batch for molecules), plus ``"group"``: the integer id of each sample's pairing key
+(perturbation), so a loss can treat samples of the same perturbation as positives. Prediction batches hold
+one modality and ``"index"``, the row of each sample in the input file.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ class DataModule(ConfigHyperparameters, LightningDataModule):
         raise NotImplementedError
 
 
-def take_rows(matrix: np.ndarray | sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
-    """Rows of an in-memory feature matrix as a dense float32 tensor."""
+def take_rows(matrix: Any, rows: np.ndarray) -> Any:
+    """A batch of ``rows`` of what a source read: rows of a feature matrix as a dense float32 tensor, or
+    whatever the source's own store makes of them (``store.take(rows)``: a graph batch, an image tensor)."""
+    if hasattr(matrix, "take") and not isinstance(matrix, np.ndarray | sp.spmatrix):
+        return matrix.take(rows)
     block = matrix[rows]
     if sp.issparse(block):
         block = block.toarray()

@@ -3,7 +3,9 @@
 Perturbations are (compound SMILES, concentration) pairs. Each compound is built from three fragments
 (chain, ring, substituent); its latent effect is the sum of fragment effects plus a compound-specific
 part, scaled and shifted by the dose. Both modalities are noisy readouts of that shared latent, measured
-on independent replicates, so cross-modal retrieval is learnable but not trivial. Nothing is downloaded:
+on independent replicates, so cross-modal retrieval is learnable but not trivial. The phenomics wells also
+have small 5-channel images (``phenomics_images.npy``, aligned to ``phenomics.parquet``'s rows) drawn
+from the same latent. Nothing is downloaded:
 the files are generated on first use (``example://`` paths in configs) or by
 ``unimodality example-data --out DIR``.
 """
@@ -17,8 +19,10 @@ from pathlib import Path
 import numpy as np
 
 SCHEME = "example://"
-VERSION = "v1"
-FILES = ("transcriptomics.h5ad", "phenomics.parquet")
+VERSION = "v2"
+FILES = ("transcriptomics.h5ad", "phenomics.parquet", "phenomics_images.npy")
+#: channel names of the example images (Cell Painting's stains)
+IMAGE_CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
 
 _CHAINS = ["C", "CC", "CCC", "CCCC", "CC(C)", "CC(C)C", "OCC", "NCC"]
 _RINGS = ["c1ccccc1", "c1ccncc1", "C1CCCCC1", "c1ccoc1", "c1ccsc1"]
@@ -56,8 +60,10 @@ def make_example_data(
     latent_dim: int = 16,
     replicates: tuple[int, int] = (3, 7),
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    image_size: int = 24,
 ) -> dict[str, Path]:
-    """Write ``transcriptomics.h5ad`` (CSR counts) and ``phenomics.parquet`` into ``out_dir``.
+    """Write ``transcriptomics.h5ad`` (CSR counts), ``phenomics.parquet`` and ``phenomics_images.npy``
+    (uint8 images ``(wells, 5, image_size, image_size)``, one per row of the table) into ``out_dir``.
 
     Files are written under temporary names and renamed, so concurrent callers (several DDP ranks) and
     interrupted runs never leave a half-written file behind.
@@ -91,13 +97,16 @@ def make_example_data(
         [compound_latent[i] * dose_scale[j] + 0.5 * dose_scale[j] * dose_direction
          for i in range(n_compounds) for j in range(len(concentrations))]
     )
-    order = rng.permutation(len(keys))
-    n_train = int(round(split_fractions[0] * len(keys)))
-    n_val = int(round(split_fractions[1] * len(keys)))
-    split = np.empty(len(keys), dtype=object)
-    split[order[:n_train]] = "train"
-    split[order[n_train:n_train + n_val]] = "val"
-    split[order[n_train + n_val:]] = "test"
+    # splits by compound: both concentrations of a compound are in one split, so held-out perturbations
+    # are unseen molecules (what a molecule tower must generalise to)
+    order = rng.permutation(n_compounds)
+    n_train = int(round(split_fractions[0] * n_compounds))
+    n_val = int(round(split_fractions[1] * n_compounds))
+    compound_split = np.empty(n_compounds, dtype=object)
+    compound_split[order[:n_train]] = "train"
+    compound_split[order[n_train:n_train + n_val]] = "val"
+    compound_split[order[n_train + n_val:]] = "test"
+    split = np.repeat(compound_split, len(concentrations))
 
     def metadata(counts: np.ndarray, prefix: str) -> pd.DataFrame:
         key_index = np.repeat(np.arange(len(keys)), counts)
@@ -134,10 +143,46 @@ def make_example_data(
     for i in range(n_features):
         table = table.append_column(f"feat_{i:03d}", pa.array(features[:, i].astype(np.float32)))
 
-    paths = {"transcriptomics.h5ad": out / "transcriptomics.h5ad", "phenomics.parquet": out / "phenomics.parquet"}
+    # images of the phenomics wells, from a random stream of their own: the other files stay as they were
+    images = well_images(latent[ph_keys], np.random.default_rng([seed, 1]), image_size)
+
+    paths = {name: out / name for name in FILES}
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         tx.write_h5ad(Path(tmp) / "transcriptomics.h5ad")
         pq.write_table(table, Path(tmp) / "phenomics.parquet")
+        np.save(Path(tmp) / "phenomics_images.npy", images)
         for name, path in paths.items():
             os.replace(Path(tmp) / name, path)
     return paths
+
+
+def well_images(latent: np.ndarray, rng: np.random.Generator, size: int = 24, max_cells: int = 9) -> np.ndarray:
+    """Toy Cell Painting images ``(wells, 5, size, size)`` (uint8) of wells with the given latent effects.
+
+    Each well holds a few "cells" at random positions: a Gaussian spot per cell and channel, whose
+    number, size and per-channel brightness and spread are read out of the latent (through fixed random
+    directions), with per-cell, per-well and per-pixel noise. What identifies a perturbation is thus in
+    the intensity and morphology statistics, not in where the cells happen to lie.
+    """
+    n, dim = latent.shape
+    channels = len(IMAGE_CHANNELS)
+    readout = rng.normal(size=(dim, 2 + 2 * channels)) / np.sqrt(dim)
+    z = latent @ readout  # (wells, 2 + 2 * channels)
+    n_cells = np.clip(np.round(5 + 1.5 * z[:, 0] + rng.normal(0, 0.7, n)), 2, max_cells)
+    radius = 1.4 * np.exp(0.3 * np.tanh(z[:, 1]))
+    brightness = np.exp(0.45 * z[:, 2:2 + channels] + rng.normal(0, 0.15, (n, channels)))
+    base_spread = np.array([1.0, 1.9, 1.5, 2.3, 1.7])  # the nucleus (DNA) is smallest
+    spread = base_spread * np.exp(0.2 * np.tanh(z[:, 2 + channels:]))
+    centres = rng.uniform(2, size - 2, (n, max_cells, 2)).astype(np.float32)
+    amplitude = rng.lognormal(0, 0.25, (n, max_cells)) * (np.arange(max_cells) < n_cells[:, None])
+    axis = np.arange(size, dtype=np.float32)
+    d2 = (axis[None, None, :, None] - centres[..., 0, None, None]) ** 2 \
+        + (axis[None, None, None, :] - centres[..., 1, None, None]) ** 2  # (wells, cells, size, size)
+    images = np.empty((n, channels, size, size), dtype=np.float32)
+    for c in range(channels):
+        sigma = (radius * spread[:, c]).astype(np.float32)[:, None, None, None]
+        spots = np.exp(-d2 / (2 * sigma**2))
+        images[:, c] = np.einsum("nk,nkhw->nhw", (amplitude * brightness[:, c:c + 1]).astype(np.float32), spots)
+    images += rng.normal(0, 0.08, images.shape).astype(np.float32)
+    scale = np.quantile(images, 0.999, axis=(0, 2, 3))[None, :, None, None]
+    return np.clip(np.round(10 + 220 * images / scale), 0, 255).astype(np.uint8)

@@ -21,6 +21,7 @@ GROUPS: dict[str, str] = {
     "unimodality.losses": "losses",
     "unimodality.setups": "setups",
     "unimodality.augmentations": "augmentations",
+    "unimodality.sources": "sources",
 }
 
 

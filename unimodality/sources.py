@@ -45,6 +45,9 @@ class ModalitySource(RecordsInitArgs):
 
     format: str = ""
     suffixes: tuple[str, ...] = ()
+    #: what ``read_features`` gives a model: ``vectors`` (a rows x features matrix), or another kind whose
+    #: rows the returned object's ``take(rows)`` turns into a batch (``graphs``, ``images``)
+    input_kind: str = "vectors"
 
     def __init__(self, path: str, key_columns: list[str] | None = None, transform: Transform = "none") -> None:
         if transform not in ("none", "log1p", "normalize_log1p", "clr"):
@@ -75,6 +78,10 @@ class ModalitySource(RecordsInitArgs):
 
     def num_rows(self) -> int:
         raise NotImplementedError
+
+    def usable_rows(self) -> np.ndarray | None:
+        """Boolean mask of the rows that can be used, or None when all can (e.g. dropped invalid SMILES)."""
+        return None
 
     # -- shared behaviour -------------------------------------------------------------------------
     def feature_names(self) -> list[str]:
@@ -109,7 +116,12 @@ class ModalitySource(RecordsInitArgs):
         """What a model needs to read new files of this modality: class, settings, feature names."""
         init_args = dict(self.__dict__["_init_config"]["init_args"])
         init_args.pop("path")
-        return {"class_path": class_path(type(self)), "init_args": init_args, "features": list(self.feature_names())}
+        return {
+            "class_path": class_path(type(self)),
+            "init_args": init_args,
+            "features": list(self.feature_names()),
+            "input": self.input_kind,
+        }
 
     def close(self) -> None:
         """Drop cached file contents."""
@@ -346,14 +358,9 @@ class TableSource(ModalitySource):
 
     def _read_table(self, columns: list[str] | None = None) -> pa.Table:
         if self._is_parquet:
-            import pyarrow.parquet as pq
-
-            return pq.read_table(self.file, columns=columns)
+            return read_table(self.file, columns)
         if self._table is None:  # text tables cannot be read by column: read once, keep until close()
-            import pyarrow.csv as pcsv
-
-            delimiter = "\t" if ".tsv" in self.file.name else ","
-            self._table = pcsv.read_csv(self.file, parse_options=pcsv.ParseOptions(delimiter=delimiter))
+            self._table = read_table(self.file)
         return self._table if columns is None else self._table.select(columns)
 
     def close(self) -> None:
@@ -429,6 +436,36 @@ class TableSource(ModalitySource):
                 f"(model expects e.g. {align_to[:3]})"
             )
         return align_features(self._read_columns(available, rows), available, align_to, self.file)
+
+
+def read_table(file: Path, columns: list[str] | None = None) -> pa.Table:
+    """A parquet, CSV or TSV file (optionally gzipped) as an Arrow table; parquet reads only ``columns``."""
+    if file.suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(file, columns=columns)
+    import pyarrow.csv as pcsv
+
+    delimiter = "\t" if ".tsv" in file.name else ","
+    table = pcsv.read_csv(file, parse_options=pcsv.ParseOptions(delimiter=delimiter))
+    return table if columns is None else table.select(columns)
+
+
+def read_metadata_of(file: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Columns (all when None) of any supported file: ``obs`` of an ``.h5ad`` (the obs index too), or a table."""
+    if str(file).lower().endswith(".h5ad"):
+        return AnnDataSource(str(file)).read_metadata(columns)
+    source_for(file)  # an unsupported file type gets the usual message
+    if file.suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(file).names
+    else:
+        names = read_table(file).schema.names
+    missing = [c for c in columns or [] if c not in names]
+    if missing:
+        raise DataError(f"{file}: has no column(s) {missing}; available: {names[:20]}")
+    return read_table(file, columns).to_pandas()
 
 
 def _is_numeric(kind: pa.DataType) -> bool:

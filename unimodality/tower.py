@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -61,16 +61,18 @@ class Tower(nn.Module):
             self.encoder.eval()  # keep dropout off and batch-norm statistics fixed
         return self
 
-    def represent(self, x: torch.Tensor) -> torch.Tensor:
+    def represent(self, x: Any) -> torch.Tensor:
         """The encoder's output (the input itself for a disabled tower)."""
-        if x.dim() != 2 or x.shape[-1] != self.in_features:
-            raise ValueError(f"tower expects input of shape (batch, {self.in_features}), got {tuple(x.shape)}")
         if self.encoder is None:
+            if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[-1] != self.in_features:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"disabled tower expects input of shape (batch, {self.in_features}), got {got}")
             return x
+        self.encoder.check_input(x)
         if self.mode == "frozen":
             with torch.no_grad():
                 return self.encoder(x)
         return self.encoder(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Any) -> torch.Tensor:
         return F.normalize(self.head(self.represent(x)), dim=-1)

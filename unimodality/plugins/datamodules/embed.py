@@ -51,6 +51,9 @@ class EmbedDataModule(DataModule):
             ``obsm["X_unimodality"]``) or ``.parquet`` (metadata + embedding columns). Default:
             ``<input name>_embeddings.h5ad|.parquet`` in the working directory.
         n_samples: embed only the first ``n_samples`` rows (a quick look at a large file).
+        source_options: settings of the modality's source that replace those recorded in the checkpoint,
+            for a file laid out differently, e.g. ``{"smiles_column": "canonical_smiles", "invalid": "drop"}``
+            or ``{"key_columns": null}``. Settings that change the features (transforms) are best left alone.
         batch_size: rows per forward pass.
         num_workers: DataLoader worker processes.
     """
@@ -61,6 +64,7 @@ class EmbedDataModule(DataModule):
         modality: str | None = None,
         output: str | None = None,
         n_samples: int | None = None,
+        source_options: dict[str, Any] | None = None,
         batch_size: int = 512,
         num_workers: int = 0,
     ) -> None:
@@ -71,6 +75,7 @@ class EmbedDataModule(DataModule):
         self.path = path
         self.modality = modality
         self.n_samples = n_samples
+        self.source_options = dict(source_options or {})
         self.batch_size = batch_size
         self.num_workers = num_workers
         file = resolve_path(path)
@@ -112,9 +117,17 @@ class EmbedDataModule(DataModule):
         entry = schema[name]
         module, cls_name = entry["class_path"].rsplit(".", 1)
         source_cls = getattr(importlib.import_module(module), cls_name)
-        self.source = source_cls(path=self.path, **entry["init_args"])
+        unknown = sorted(set(self.source_options) - set(entry["init_args"]))
+        if unknown:
+            raise ValueError(
+                f"data.source_options names {unknown}, not settings of the {name!r} tower's "
+                f"{cls_name}; its settings: {sorted(entry['init_args'])}"
+            )
+        self.source = source_cls(path=self.path, **{**entry["init_args"], **self.source_options})
         n_rows = self.source.num_rows()
-        rows = np.arange(n_rows if self.n_samples is None else min(self.n_samples, n_rows))
+        usable = self.source.usable_rows()  # rows a source cannot use (and was told to drop) get no embedding
+        rows = np.arange(n_rows) if usable is None else np.flatnonzero(usable)
+        rows = rows[:self.n_samples]
         features = self.source.read_features(rows, align_to=entry["features"])
         self.dataset = EmbedDataset(name, features, rows)
         log.info("embedding %d of %d rows of %s with the %r tower", len(rows), n_rows, self.path, name)

@@ -160,7 +160,11 @@ class PairedDataModule(SplitDataModule):
         codes, uniques = pd.MultiIndex.from_frame(stacked).factorize()
         uniques = [plain_key(u) for u in uniques]  # np.float64(1.0) -> 1.0 in messages
         bounds = np.cumsum([0] + [len(m) for m in metas.values()])
-        row_codes = {name: codes[bounds[i]:bounds[i + 1]] for i, name in enumerate(metas)}
+        row_codes = {name: codes[bounds[i]:bounds[i + 1]].copy() for i, name in enumerate(metas)}
+        for name, source in self.sources.items():
+            usable = source.usable_rows()  # e.g. rows of unparsable SMILES, dropped on request
+            if usable is not None:
+                row_codes[name][~usable] = -1
 
         shared = set(range(len(uniques)))
         for codes_m in row_codes.values():
@@ -175,7 +179,7 @@ class PairedDataModule(SplitDataModule):
                 "Check the key columns and their types (e.g. 1 vs 1.0, trailing spaces)."
             )
         for name, codes_m in row_codes.items():
-            dropped = (~np.isin(codes_m, list(shared))).sum()
+            dropped = (~np.isin(codes_m, list(shared)) & (codes_m >= 0)).sum()
             if dropped:
                 log.warning("modality %r: %d rows have a key absent from another modality; ignored", name, dropped)
         shared_codes = np.array(sorted(shared), dtype=np.int64)

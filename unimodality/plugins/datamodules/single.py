@@ -159,7 +159,8 @@ class SingleDataModule(SplitDataModule):
                 if s == "train":
                     raise DataError(f"{self.source.file}: the training split holds no row")
                 log.warning("the %r split holds no row", s)
-        rows = np.flatnonzero(np.isin(split, wanted))
+        usable = self.source.usable_rows()  # e.g. rows of unparsable SMILES, dropped on request
+        rows = np.flatnonzero(np.isin(split, wanted) & (True if usable is None else usable))
         features = self.source.read_features(rows)  # only the rows of the splits this stage needs
         self.source.close()
         for s in wanted:

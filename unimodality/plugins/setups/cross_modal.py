@@ -86,6 +86,12 @@ class CrossModalSetup(Setup):
                     f"modality {name!r} has no encoder: add model.encoders.{name} or set "
                     f"model.modes.{name}: disabled"
                 )
+            kind = entry.get("input", "vectors")
+            if mode == "disabled" and kind != "vectors":
+                raise ValueError(
+                    f"modality {name!r} has {kind} as input: a disabled tower passes feature vectors straight to "
+                    "its projection head, so it needs an encoder (trainable or frozen)"
+                )
             n_features = len(entry["features"])
             encoder = self.encoders[name](n_features) if mode != "disabled" else None
             self.towers[name] = Tower(
