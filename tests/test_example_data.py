@@ -6,7 +6,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from unimodality.cli import main
-from unimodality.example_data import make_example_data, resolve_path
+from unimodality.example_data import FILES, make_example_data, resolve_path
 
 
 def test_generation_is_deterministic(tmp_path):
@@ -42,5 +42,5 @@ def test_shape_and_pairing(example_data_dir):
 def test_example_data_command_writes_files(tmp_path, capsys):
     main(["example-data", "--out", str(tmp_path)])
     printed = capsys.readouterr().out.split()
-    assert sorted(printed) == sorted(str(tmp_path / n) for n in ("transcriptomics.h5ad", "phenomics.parquet"))
-    assert all((tmp_path / n).is_file() for n in ("transcriptomics.h5ad", "phenomics.parquet"))
+    assert sorted(printed) == sorted(str(tmp_path / n) for n in FILES)
+    assert all((tmp_path / n).is_file() for n in FILES)

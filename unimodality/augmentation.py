@@ -1,4 +1,5 @@
-"""The augmentation interface: random transformations of feature vectors for self-supervised setups."""
+"""The augmentation interface: random transformations of a batch (feature vectors, images) for
+self-supervised setups."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from unimodality.config import RecordsInitArgs
 class Augmentation(RecordsInitArgs, nn.Module):
     """Base class of augmentations (plugin group ``unimodality.augmentations``).
 
-    An augmentation maps a batch of feature vectors ``(batch, features)`` to a randomly transformed batch
-    of the same shape. ``forward`` transforms only in training mode and is the identity in eval mode, so a
-    model never augments what it validates on or embeds by accident; :meth:`augment` always transforms
+    An augmentation maps a batch to a randomly transformed batch of the same shape: feature vectors
+    ``(batch, features)`` by default, images ``(batch, channels, height, width)`` for subclasses that set
+    ``ndim = 4`` (the class attributes ``ndim`` and ``input_shape`` say what one accepts). ``forward``
+    transforms only in training mode and is the identity in eval mode, so a model never augments what it
+    validates on or embeds by accident; :meth:`augment` always transforms
     (a setup calls it explicitly where it wants augmented views outside training, e.g. a validation loss).
 
     Each sample is transformed with probability ``p``, drawn independently per sample. Randomness comes
@@ -23,6 +26,10 @@ class Augmentation(RecordsInitArgs, nn.Module):
     Args:
         p: probability that a sample is transformed.
     """
+
+    #: dimensions of the batches it accepts, and how messages name that shape
+    ndim: int = 2
+    input_shape: str = "(batch, features)"
 
     def __init__(self, p: float = 1.0) -> None:
         super().__init__()
@@ -35,8 +42,8 @@ class Augmentation(RecordsInitArgs, nn.Module):
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """The transformed batch, whatever the mode."""
-        if x.dim() != 2:
-            raise ValueError(f"{type(self).__name__} expects input of shape (batch, features), got {tuple(x.shape)}")
+        if x.dim() != self.ndim:
+            raise ValueError(f"{type(self).__name__} expects input of shape {self.input_shape}, got {tuple(x.shape)}")
         if self.p == 0 or x.shape[0] == 0:
             return x
         if self.p == 1:

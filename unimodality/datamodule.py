@@ -75,6 +75,22 @@ class SplitDataModule(DataModule):
         if split not in self.datasets:
             return []  # an empty split: Lightning skips the loop
         dataset = self.datasets[split]
+        if hasattr(dataset, "shard"):  # a streaming dataset: its sampler plans whole buffers per rank and worker
+            from unimodality.streaming import BufferSampler
+
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            dataset.shard(rank, world)
+            sampler = BufferSampler(dataset, num_replicas=world, rank=rank, num_workers=self.num_workers)
+            if len(sampler) == 0:
+                raise DataError(
+                    f"the training split has {len(dataset)} rows, fewer than batch_size={dataset.batch_size} "
+                    f"x {world} processes; lower data.batch_size"
+                )
+            return DataLoader(
+                dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                persistent_workers=self.num_workers > 0, collate_fn=collate_batch,
+            )
         batch_size = self.batch_size if train else self.eval_batch_size
         if train and len(dataset) < batch_size:
             raise DataError(

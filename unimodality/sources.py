@@ -101,11 +101,14 @@ class ModalitySource(RecordsInitArgs):
     def read_features(self, rows: np.ndarray | None = None, align_to: list[str] | None = None) -> Matrix:
         """Read, align by name to ``align_to`` (missing features are zeros), transform and check."""
         if align_to is None:
-            matrix, names = self._read_raw(rows), self.feature_names()
-        else:
-            matrix, names = self._read_aligned(rows, align_to), align_to
+            return self.finish(self._read_raw(rows), rows)
+        return self.finish(self._read_aligned(rows, align_to), rows, align_to)
+
+    def finish(self, matrix: Matrix, rows: np.ndarray | None, names: list[str] | None = None) -> Matrix:
+        """Check raw rows (read here or by a streaming store) for non-finite values and transform them."""
+        names = self.feature_names() if names is None else names
         self._check_finite(matrix, rows, names, "")
-        matrix = apply_transform(matrix, self.transform)
+        matrix = apply_transform(matrix, self.transform, inplace=True)  # the rows were just read: ours to change
         self._check_finite(matrix, rows, names, f" after the {self.transform!r} transform (negative values?)")
         return matrix
 
@@ -145,8 +148,9 @@ class ModalitySource(RecordsInitArgs):
         )
 
 
-def apply_transform(matrix: Matrix, transform: str) -> Matrix:
-    """Per-row transforms; sparse input stays sparse."""
+def apply_transform(matrix: Matrix, transform: str, inplace: bool = False) -> Matrix:
+    """Per-row transforms; sparse input stays sparse. ``inplace`` lets a dense float32 ``log1p`` overwrite
+    its input (rows just read, so a large block is not held twice)."""
     if transform == "none":
         return matrix
     if transform == "clr":
@@ -167,6 +171,8 @@ def apply_transform(matrix: Matrix, transform: str) -> Matrix:
         matrix = sp.csr_matrix(matrix, dtype=np.float32)
         matrix.data = np.log1p(matrix.data)
         return matrix
+    if inplace and matrix.dtype == np.float32 and matrix.flags.writeable:
+        return np.log1p(matrix, out=matrix)
     return np.log1p(matrix).astype(np.float32)
 
 

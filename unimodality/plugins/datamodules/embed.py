@@ -97,6 +97,8 @@ class EmbedDataModule(DataModule):
             if self.modality not in schema:
                 raise ValueError(f"data.modality={self.modality!r}: the model has towers {sorted(schema)}")
             return self.modality
+        if len(schema) == 1:  # a single-modality model (SimCLR): its one tower
+            return next(iter(schema))
         reader = source_for(self.path)
         matches = [name for name, entry in schema.items() if entry["class_path"].endswith(reader.__name__)]
         if len(matches) != 1:

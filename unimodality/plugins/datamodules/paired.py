@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from unimodality.datamodule import GROUP, SplitDataModule, take_rows
 from unimodality.sources import DataError, Matrix, ModalitySource
+from unimodality.streaming import Partner, StreamingDataset, open_store
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,17 @@ class PairedDataModule(SplitDataModule):
         eval_batch_size: validation/test batch size (default: ``batch_size``).
         num_workers: DataLoader worker processes.
         pin_memory: pin batches for faster host-to-GPU copies.
+        streaming: read the training split from disk during training instead of into memory (files larger
+            than RAM). Every row of one modality (``stream_modality``) is then an example once per epoch,
+            paired with a replicate of its key drawn from each other modality; rows are read in blocks of
+            ``block_size`` consecutive rows, shuffled within buffers of ``buffer_batches`` batches.
+            Validation and test splits are still read into memory. Tables are converted once to a
+            row-major cache in ``cache_dir``.
+        stream_modality: the modality to stream (default: the largest file of feature vectors).
+        block_size: consecutive rows read (and shuffled) as a unit when streaming.
+        buffer_batches: batches per shuffle buffer when streaming (memory: about one buffer per worker).
+        cache_dir: where tables are cached for streaming (default ``$UNIMODALITY_CACHE_DIR`` or
+            ``~/.cache/unimodality/streaming``).
     """
 
     def __init__(
@@ -119,6 +131,11 @@ class PairedDataModule(SplitDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        streaming: bool = False,
+        stream_modality: str | None = None,
+        block_size: int = 64,
+        buffer_batches: int = 16,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -142,7 +159,12 @@ class PairedDataModule(SplitDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.datasets: dict[str, PairedDataset] = {}
+        self.streaming = streaming
+        self.stream_modality = stream_modality
+        self.block_size = block_size
+        self.buffer_batches = buffer_batches
+        self.cache_dir = cache_dir
+        self.datasets: dict[str, PairedDataset | StreamingDataset] = {}
 
     @property
     def modalities(self) -> list[str]:
@@ -214,7 +236,10 @@ class PairedDataModule(SplitDataModule):
                 if s == "train":
                     raise DataError("the training split holds no perturbation shared by all modalities")
                 log.warning("the %r split holds no perturbation shared by all modalities", s)
-        keep = shared_codes[np.isin(split, wanted)]
+        in_memory = tuple(s for s in wanted if not (self.streaming and s == "train"))
+        if len(in_memory) < len(wanted):
+            self.datasets["train"] = self._streaming_train(row_codes, shared_codes[split == "train"])
+        keep = shared_codes[np.isin(split, in_memory)]
         # read only the rows of the splits this stage needs; map file rows to rows of the read block
         features, local_codes = {}, {}
         for name, source in self.sources.items():
@@ -222,19 +247,66 @@ class PairedDataModule(SplitDataModule):
             features[name] = source.read_features(rows)
             local_codes[name] = row_codes[name][rows]
             source.close()
-        for s in wanted:
+        for s in in_memory:
             codes = shared_codes[split == s]  # sorted, as shared_codes is
             if len(codes) == 0:
                 continue
-            members = {}
-            for name, c in local_codes.items():
-                position = np.minimum(np.searchsorted(codes, c), len(codes) - 1)
-                inside = codes[position] == c
-                m = Members.from_codes(position[inside], len(codes))
-                members[name] = Members(m.offsets, np.flatnonzero(inside)[m.rows])
+            members = {name: members_of(codes, c) for name, c in local_codes.items()}
             self.datasets[s] = PairedDataset(features, members, codes, random=(s == "train"))
-        sizes = ", ".join(f"{s}: {len(self.datasets[s].groups)} perturbations" for s in wanted if s in self.datasets)
+        sizes = ", ".join(
+            f"{s}: {len(np.unique(self.datasets[s].groups))} perturbations"
+            + (f" ({len(d)} {d.name} rows streamed)" if isinstance(d, StreamingDataset) else "")
+            for s in wanted if (d := self.datasets.get(s)) is not None
+        )
         log.info("PairedDataModule %s", sizes)
+
+    # -- streaming ---------------------------------------------------------------------------------------
+    def streamed_modality(self) -> str:
+        """The modality read from disk in blocks: ``stream_modality``, or the largest vector file."""
+        if self.stream_modality is not None:
+            if self.stream_modality not in self.sources:
+                raise ValueError(f"data.stream_modality={self.stream_modality!r}: modalities are {self.modalities}")
+            return self.stream_modality
+        vectors = [n for n, s in self.sources.items() if s.input_kind == "vectors"]
+        if not vectors:
+            raise ValueError("streaming needs a modality of feature vectors to stream; none of "
+                             f"{self.modalities} is one")
+        return max(vectors, key=lambda n: self.sources[n].file.stat().st_size)
+
+    def prepare_data(self) -> None:
+        if self.streaming:  # tables are converted once (on one process per node; the others wait)
+            for source in self.sources.values():
+                if source.input_kind == "vectors":
+                    open_store(source, self.cache_dir).close()
+
+    def _streaming_train(self, row_codes: dict[str, np.ndarray], codes: np.ndarray) -> StreamingDataset:
+        name = self.streamed_modality()
+        partners = {}
+        for other, source in self.sources.items():
+            if other == name:
+                continue
+            rows = np.flatnonzero(np.isin(row_codes[other], codes))
+            members = members_of(codes, row_codes[other][rows])
+            if source.input_kind == "vectors":  # read from disk too: members hold file rows
+                partners[other] = Partner(Members(members.offsets, rows[members.rows]), source,
+                                          store=open_store(source, self.cache_dir))
+            else:  # e.g. molecule graphs: each distinct one is kept in memory
+                partners[other] = Partner(members, source, features=source.read_features(rows))
+        rows = np.flatnonzero(np.isin(row_codes[name], codes))
+        return StreamingDataset(
+            name, self.sources[name], open_store(self.sources[name], self.cache_dir), rows,
+            groups=row_codes[name][rows], batch_size=self.batch_size, block_size=self.block_size,
+            buffer_batches=self.buffer_batches, seed=self.seed, partners=partners,
+            key_index=np.searchsorted(codes, row_codes[name][rows]),
+        )
+
+
+def members_of(codes: np.ndarray, row_codes: np.ndarray) -> Members:
+    """Rows (positions in ``row_codes``) of each key of ``codes`` (sorted); rows of other keys are left out."""
+    position = np.minimum(np.searchsorted(codes, row_codes), len(codes) - 1)
+    inside = codes[position] == row_codes
+    m = Members.from_codes(position[inside], len(codes))
+    return Members(m.offsets, np.flatnonzero(inside)[m.rows])
 
 
 

@@ -20,6 +20,7 @@ from unimodality.plugins.datamodules.paired import (
     split_of_keys,
 )
 from unimodality.sources import DataError, Matrix, ModalitySource
+from unimodality.streaming import StreamingDataset, open_store
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,14 @@ class SingleDataModule(SplitDataModule):
         eval_batch_size: validation/test batch size (default: ``batch_size``).
         num_workers: DataLoader worker processes.
         pin_memory: pin batches for faster host-to-GPU copies.
+        streaming: read the training split from disk during training instead of into memory (files larger
+            than RAM): blocks of ``block_size`` consecutive rows, shuffled within buffers of
+            ``buffer_batches`` batches. Validation and test splits are still read into memory. Tables are
+            converted once to a row-major cache in ``cache_dir``.
+        block_size: consecutive rows read (and shuffled) as a unit when streaming.
+        buffer_batches: batches per shuffle buffer when streaming (memory: about one buffer per worker).
+        cache_dir: where tables are cached for streaming (default ``$UNIMODALITY_CACHE_DIR`` or
+            ``~/.cache/unimodality/streaming``).
     """
 
     def __init__(
@@ -88,6 +97,10 @@ class SingleDataModule(SplitDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        streaming: bool = False,
+        block_size: int = 64,
+        buffer_batches: int = 16,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -107,7 +120,11 @@ class SingleDataModule(SplitDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.datasets: dict[str, SingleDataset] = {}
+        self.streaming = streaming
+        self.block_size = block_size
+        self.buffer_batches = buffer_batches
+        self.cache_dir = cache_dir
+        self.datasets: dict[str, SingleDataset | StreamingDataset] = {}
 
     @property
     def schema(self) -> dict[str, dict[str, Any]]:
@@ -144,6 +161,10 @@ class SingleDataModule(SplitDataModule):
         return self.source.read_metadata([self.split_column])[self.split_column].reset_index(drop=True)
 
     # -- Lightning hooks ---------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.streaming and self.source.input_kind == "vectors":  # convert a table once, on one process
+            open_store(self.source, self.cache_dir).close()
+
     def setup(self, stage: str) -> None:
         if stage == "predict":
             raise ValueError(
@@ -160,10 +181,19 @@ class SingleDataModule(SplitDataModule):
                     raise DataError(f"{self.source.file}: the training split holds no row")
                 log.warning("the %r split holds no row", s)
         usable = self.source.usable_rows()  # e.g. rows of unparsable SMILES, dropped on request
-        rows = np.flatnonzero(np.isin(split, wanted) & (True if usable is None else usable))
+        usable = np.ones(len(split), dtype=bool) if usable is None else usable
+        in_memory = tuple(s for s in wanted if not (self.streaming and s == "train"))
+        if len(in_memory) < len(wanted):
+            train = np.flatnonzero((split == "train") & usable)
+            self.datasets["train"] = StreamingDataset(
+                self.modality, self.source, open_store(self.source, self.cache_dir), train, groups[train],
+                batch_size=self.batch_size, block_size=self.block_size, buffer_batches=self.buffer_batches,
+                seed=self.seed,
+            )
+        rows = np.flatnonzero(np.isin(split, in_memory) & usable)
         features = self.source.read_features(rows)  # only the rows of the splits this stage needs
         self.source.close()
-        for s in wanted:
+        for s in in_memory:
             local = np.flatnonzero(split[rows] == s)
             if len(local) == 0:
                 continue

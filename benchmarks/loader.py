@@ -1,0 +1,308 @@
+"""Streaming loader benchmark: samples/s and peak memory reading a file larger than a loader should hold.
+
+Generates (once, into --dir) a CSR ``.h5ad`` of at least 2 GB (default 260,000 cells x 20,000 genes, 5 %
+non-zero), a dense ``.h5ad`` and a parquet table, then measures, in one run:
+
+  A  in-memory random indexing (the whole matrix in RAM; the ceiling, at the file's size in memory)
+  B  one random sample at a time: straight from the HDF5 datasets (h5py) and through anndata's backed mode
+  C  unimodality's streaming loader at its defaults (blocks of 64 rows, buffers of 16 batches)
+  D  near-sequential streaming of the same file (blocks as large as a buffer)
+
+C and D are measured with a warm page cache and a cold one (the file's pages dropped with
+``posix_fadvise(DONTNEED)`` before the pass). Each streaming pass runs in a fresh process so its peak
+resident memory (VmHWM) is its own; the baseline is that process after setup, before the first batch.
+Goals (printed as ratios): C >= 0.5 x D warm; for CSR C >= 10 x B(h5py) and >= 100 x B(anndata);
+peak RSS of C <= baseline + 2 buffers; C feeds >= 2 x what an MLP encoder consumes.
+
+    python benchmarks/loader.py --dir /tmp/unimodality-bench     # about 10 min the first time (generation)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from unimodality.streaming import H5Store
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BATCH = 256
+
+
+# -- data generation -------------------------------------------------------------------------------------
+
+def write_obs_var(f: h5py.File, n_obs: int, n_var: int) -> None:
+    import pandas as pd
+    from anndata.io import write_elem
+
+    write_elem(f, "obs", pd.DataFrame(index=[f"cell{i}" for i in range(n_obs)]))
+    write_elem(f, "var", pd.DataFrame(index=[f"GENE{j}" for j in range(n_var)]))
+    f.attrs["encoding-type"] = "anndata"
+    f.attrs["encoding-version"] = "0.1.0"
+
+
+def make_csr(path: Path, n_obs: int, n_var: int, density: float, seed: int = 0, chunk: int = 10000) -> None:
+    """A CSR .h5ad written in chunks (never the whole matrix in memory)."""
+    rng = np.random.default_rng(seed)
+    nnz_per_row = int(n_var * density)
+    tmp = path.with_suffix(".tmp")
+    with h5py.File(tmp, "w") as f:
+        write_obs_var(f, n_obs, n_var)
+        X = f.create_group("X")
+        X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (n_obs, n_var)})
+        total = n_obs * nnz_per_row
+        data = X.create_dataset("data", (total,), dtype=np.float32, chunks=(1 << 20,))
+        indices = X.create_dataset("indices", (total,), dtype=np.int32, chunks=(1 << 20,))
+        X.create_dataset("indptr", data=np.arange(n_obs + 1, dtype=np.int64) * nnz_per_row)
+        for start in range(0, n_obs, chunk):
+            rows = min(chunk, n_obs - start)
+            cols = np.sort(rng.random((rows, n_var)).argpartition(nnz_per_row, axis=1)[:, :nnz_per_row], axis=1)
+            lo, hi = start * nnz_per_row, (start + rows) * nnz_per_row
+            indices[lo:hi] = cols.ravel().astype(np.int32)
+            data[lo:hi] = rng.poisson(2.0, hi - lo).astype(np.float32) + 1
+    os.replace(tmp, path)
+
+
+def make_dense(path: Path, n_obs: int, n_var: int, seed: int = 1, chunk: int = 20000) -> None:
+    rng = np.random.default_rng(seed)
+    tmp = path.with_suffix(".tmp")
+    with h5py.File(tmp, "w") as f:
+        write_obs_var(f, n_obs, n_var)
+        X = f.create_dataset("X", (n_obs, n_var), dtype=np.float32)
+        X.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        for start in range(0, n_obs, chunk):
+            X[start:start + chunk] = rng.random((min(chunk, n_obs - start), n_var), dtype=np.float32)
+    os.replace(tmp, path)
+
+
+def make_parquet(path: Path, n_rows: int, n_features: int, seed: int = 2, chunk: int = 50000) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    schema = pa.schema([("well", pa.string())] + [(f"feat_{j:04d}", pa.float32()) for j in range(n_features)])
+    tmp = path.with_suffix(".tmp")
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, n_rows, chunk):
+            rows = min(chunk, n_rows - start)
+            block = rng.standard_normal((rows, n_features), dtype=np.float32)
+            columns = [pa.array([f"w{i}" for i in range(start, start + rows)])] + [pa.array(c) for c in block.T]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+    os.replace(tmp, path)
+
+
+# -- one-sample reads (B) and in-memory indexing (A) ------------------------------------------------------
+
+def drop_cache(path: Path) -> None:
+    """Evict a file's pages from the page cache (cold reads), without privileges."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def one_sample_h5py(path: Path, n: int, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "r") as f:
+        X = f["X"]
+        rows = rng.integers(0, X.attrs["shape"][0] if isinstance(X, h5py.Group) else X.shape[0], n)
+        t = time.perf_counter()
+        if isinstance(X, h5py.Group):
+            indptr = X["indptr"][()]
+            data, indices = X["data"], X["indices"]
+            for r in rows:
+                lo, hi = indptr[r], indptr[r + 1]
+                data[lo:hi], indices[lo:hi]
+        else:
+            for r in rows:
+                X[r]
+        return n / (time.perf_counter() - t)
+
+
+def one_sample_anndata(path: Path, n: int, seed: int = 0) -> float:
+    import anndata as ad
+
+    adata = ad.read_h5ad(path, backed="r")
+    rows = np.random.default_rng(seed).integers(0, adata.n_obs, n)
+    t = time.perf_counter()
+    for r in rows:
+        adata.X[int(r)]
+    rate = n / (time.perf_counter() - t)
+    adata.file.close()
+    return rate
+
+
+def in_memory(path: Path, n_batches: int, seed: int = 0) -> tuple[float, float]:
+    """Random batches from the whole matrix held in RAM; returns (samples/s, bytes held)."""
+    import scipy.sparse as sp
+
+    from unimodality.sources import AnnDataSource
+
+    matrix = AnnDataSource(str(path))._read_raw(None)
+    held = matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes if sp.issparse(matrix) else matrix.nbytes
+    rng = np.random.default_rng(seed)
+    t = time.perf_counter()
+    for _ in range(n_batches):
+        block = matrix[np.sort(rng.integers(0, matrix.shape[0], BATCH))]
+        block = block.toarray() if sp.issparse(block) else block
+    return n_batches * BATCH / (time.perf_counter() - t), held
+
+
+# -- streaming passes (C, D), each in its own process -------------------------------------------------------
+
+STREAM_PASS = f"""
+import json, sys, time
+BATCH = {BATCH}
+from unimodality.plugins.datamodules.single import SingleDataModule
+from unimodality.sources import source_for
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+
+path, block, buffers, batches, cache = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+source = source_for(path)(path) if path.endswith(".h5ad") else source_for(path)(path, feature_prefix="feat_")
+data = SingleDataModule(source, val_fraction=0.0, test_fraction=0.0, batch_size=BATCH, streaming=True,
+                        block_size=block, buffer_batches=buffers, cache_dir=cache)
+data.prepare_data()
+data.setup("fit")
+loader = data.train_dataloader()
+base = hwm()
+t = time.perf_counter()
+n = 0
+for i, batch in enumerate(loader):
+    n += len(batch["group"])
+    if i + 1 == batches:
+        break
+print(json.dumps({{"rate": n / (time.perf_counter() - t), "base": base, "peak": hwm()}}))
+"""
+
+
+def stream_pass(path: Path, block: int, buffers: int, batches: int, cold: bool, cache: Path) -> dict:
+    target = path
+    if path.suffix == ".parquet":  # the streamed file is the cache; convert once before timing
+        from unimodality.sources import TableSource
+        from unimodality.streaming import table_cache
+
+        target = table_cache(TableSource(str(path), feature_prefix="feat_"), cache)
+    if cold:
+        drop_cache(target)
+    result = subprocess.run([sys.executable, "-c", STREAM_PASS, str(path), str(block), str(buffers), str(batches),
+                             str(cache)], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def model_rate(n_features: int, steps: int = 20) -> float:
+    """Samples/s an MLP encoder (512, 256) trains on at this batch size: what a loader must feed."""
+    import torch
+
+    from unimodality.plugins.encoders.mlp import MLPEncoder
+
+    model = MLPEncoder(n_features, hidden_sizes=[512, 256])
+    optimizer = torch.optim.AdamW(model.parameters())
+    x = torch.rand(BATCH, n_features)
+    for i in range(steps + 3):
+        if i == 3:
+            t = time.perf_counter()
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    return steps * BATCH / (time.perf_counter() - t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default="/tmp/unimodality-bench")
+    parser.add_argument("--cells", type=int, default=260_000)
+    parser.add_argument("--genes", type=int, default=20_000)
+    parser.add_argument("--density", type=float, default=0.05)
+    parser.add_argument("--batches", type=int, default=400, help="batches per streaming pass")
+    parser.add_argument("--quick", action="store_true", help="small files (a smoke run, not the goal's 2 GB)")
+    args = parser.parse_args()
+    if args.quick:
+        args.cells, args.genes, args.batches = 20_000, 2_000, 50
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"csr": folder / f"csr_{args.cells}x{args.genes}.h5ad",
+             "dense": folder / f"dense_{args.cells // 4}x{args.genes // 10}.h5ad",
+             "parquet": folder / f"table_{args.cells // 2}x{args.genes // 20}.parquet"}
+    t = time.perf_counter()
+    if not files["csr"].exists():
+        make_csr(files["csr"], args.cells, args.genes, args.density)
+    if not files["dense"].exists():
+        make_dense(files["dense"], args.cells // 4, args.genes // 10)
+    if not files["parquet"].exists():
+        make_parquet(files["parquet"], args.cells // 2, args.genes // 20)
+    print(f"data ready in {time.perf_counter() - t:.0f} s: "
+          + ", ".join(f"{k} {p.stat().st_size / 1e9:.2f} GB" for k, p in files.items()))
+
+    cache = folder / "cache"
+    results = {}
+    for kind, path in files.items():
+        n_features = H5Store(path, "X").n_features if path.suffix == ".h5ad" else args.genes // 20
+        row = {"file_gb": path.stat().st_size / 1e9, "n_features": int(n_features)}
+        buffer_rows = 16 * BATCH
+        row["C_warm"] = stream_pass(path, 64, 16, args.batches, cold=False, cache=cache)
+        row["C_cold"] = stream_pass(path, 64, 16, args.batches, cold=True, cache=cache)
+        row["D_warm"] = stream_pass(path, buffer_rows, 16, args.batches, cold=False, cache=cache)
+        row["D_cold"] = stream_pass(path, buffer_rows, 16, args.batches, cold=True, cache=cache)
+        if path.suffix == ".h5ad":
+            n_single = 300 if kind == "csr" else 3000
+            row["B_h5py"] = one_sample_h5py(path, n_single)
+            row["B_anndata"] = one_sample_anndata(path, n_single if kind == "dense" else 100)
+            row["A_in_memory"], row["A_bytes"] = in_memory(path, 50)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path, columns=[f"feat_{j:04d}" for j in range(n_features)])
+            rng = np.random.default_rng(0)
+            t = time.perf_counter()
+            for _ in range(20):
+                table.take(pa.array(rng.integers(0, table.num_rows, 64)))
+            row["B_arrow_take"] = 20 * 64 / (time.perf_counter() - t)
+            del table
+        row["model_rate"] = model_rate(int(n_features))
+        dense_buffer = buffer_rows * n_features * 4
+        row["buffer_bytes_dense"] = dense_buffer
+        c = row["C_warm"]
+        row["ratios"] = {
+            "C/D warm": c["rate"] / row["D_warm"]["rate"],
+            "C/D cold": row["C_cold"]["rate"] / row["D_cold"]["rate"],
+            "C/model": c["rate"] / row["model_rate"],
+            "C peak-base / dense buffer": (c["peak"] - c["base"]) / dense_buffer,
+        }
+        if "B_h5py" in row:
+            row["ratios"]["C/B(h5py)"] = c["rate"] / row["B_h5py"]
+            row["ratios"]["C/B(anndata)"] = c["rate"] / row["B_anndata"]
+            row["ratios"]["C/A"] = c["rate"] / row["A_in_memory"]
+        results[kind] = row
+        print(f"\n{kind}: {path.name} ({row['file_gb']:.2f} GB, {n_features} features)")
+        for name in ("A_in_memory", "B_h5py", "B_anndata", "B_arrow_take"):
+            if name in row:
+                print(f"  {name:14s} {row[name]:>12,.0f} samples/s")
+        for name in ("C_warm", "C_cold", "D_warm", "D_cold"):
+            r = row[name]
+            print(f"  {name:14s} {r['rate']:>12,.0f} samples/s   peak RSS over baseline "
+                  f"{(r['peak'] - r['base']) / 1e6:7.1f} MB")
+        print(f"  {'model':14s} {row['model_rate']:>12,.0f} samples/s (MLP 512-256 training, batch {BATCH})")
+        for name, value in row["ratios"].items():
+            print(f"  {name:28s} {value:8.2f}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / ("loader_quick.json" if args.quick else "loader.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()

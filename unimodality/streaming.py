@@ -1,0 +1,462 @@
+"""Streaming rows of files larger than memory: contiguous block reads, a shuffle buffer, disjoint shards.
+
+Reading one random row at a time from a large ``.h5ad`` is slow (a CSR row through anndata's backed mode
+costs milliseconds) and reading the whole file needs the file's size in RAM. Here a training epoch is
+planned as a permutation of contiguous *blocks* of rows; each process (rank) takes an equal share of the
+blocks, and rows are read a *buffer* (``buffer_batches`` batches) at a time with one read per contiguous
+run, then shuffled inside the buffer. Memory stays bounded by about one buffer per DataLoader worker.
+
+Stores read row ranges of one file: :class:`H5Store` reads ``X``/a layer/an ``obsm`` of an ``.h5ad``
+straight from its HDF5 datasets (dense, or CSR keeping only ``indptr`` in RAM); :class:`NpyStore` reads a
+row-major ``.npy`` cache that tables (parquet, CSV) are converted to once, because Arrow has no fast
+random row access. The cache is rebuilt when the source file or its feature selection changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+from unimodality.datamodule import GROUP, take_rows
+from unimodality.sources import AnnDataSource, DataError, Matrix, ModalitySource
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """Where converted tables are cached: ``$UNIMODALITY_CACHE_DIR`` or ``~/.cache/unimodality/streaming``."""
+    root = os.environ.get("UNIMODALITY_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "unimodality" / "streaming"
+
+
+# -- stores: row ranges of one file ---------------------------------------------------------------------
+
+class RowStore:
+    """Raw feature rows of one file (the source's own column order, before transforms)."""
+
+    n_rows: int
+    n_features: int
+    #: a CSR store's row pointers (None for dense stores)
+    indptr: np.ndarray | None = None
+
+    def read_range(self, start: int, stop: int) -> Matrix:
+        raise NotImplementedError
+
+    def read_rows(self, rows: np.ndarray, max_gap: int = 16) -> Matrix:
+        """Rows ``rows`` (sorted, unique) with one read per run of nearby rows.
+
+        Rows closer than ``max_gap`` are read together (and the rows between them dropped): one larger
+        read is cheaper than several small ones.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if np.any(np.diff(rows) <= 0):
+            raise ValueError("read_rows needs sorted, unique rows")
+        if len(rows) == 0:
+            return self.read_range(0, 0)
+        breaks = np.flatnonzero(np.diff(rows) > max_gap) + 1
+        firsts = rows[np.r_[0, breaks]]
+        stops = rows[np.r_[breaks - 1, len(rows) - 1]] + 1
+        block = self.read_runs(firsts, stops)
+        if stops.sum() - firsts.sum() == len(rows):  # no gaps: the block is the rows
+            return block
+        offsets = np.cumsum(np.r_[0, stops - firsts])[:-1]
+        run_of_row = np.searchsorted(firsts, rows, side="right") - 1
+        return block[offsets[run_of_row] + rows - firsts[run_of_row]]
+
+    def read_runs(self, starts: np.ndarray, stops: np.ndarray) -> Matrix:
+        """Row ranges ``starts[i]:stops[i]``, one after the other (stores override this to read in place)."""
+        parts = [self.read_range(int(a), int(b)) for a, b in zip(starts, stops)]
+        return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
+
+    def close(self) -> None:
+        """Release file handles (a forked worker reopens its own)."""
+
+
+class H5Store(RowStore):
+    """Rows of a dense or CSR matrix inside an ``.h5ad`` (``X``, ``layers/<name>``, ``obsm/<name>``).
+
+    The file is opened lazily and once per process: HDF5 handles must not cross a fork into workers.
+    """
+
+    def __init__(self, file: Path, key: str) -> None:
+        self.file = Path(file)
+        self.key = key
+        self._handle: h5py.File | None = None
+        self._datasets: dict[str, h5py.Dataset] | None = None
+        self._pid: int | None = None
+        element = self._element()
+        if isinstance(element, h5py.Group):
+            encoding = element.attrs.get("encoding-type", "")
+            if encoding != "csr_matrix":
+                raise DataError(
+                    f"{self.file}: {key} is stored as {encoding or 'an unknown encoding'}; streaming reads rows, "
+                    "so it needs CSR (convert with adata.X = scipy.sparse.csr_matrix(adata.X)) or dense"
+                )
+            self.n_rows, self.n_features = (int(v) for v in element.attrs["shape"])
+            self.indptr = element["indptr"][()].astype(np.int64)  # small: one integer per row
+        else:
+            self.n_rows, self.n_features = element.shape
+
+    def _element(self) -> h5py.Dataset | h5py.Group:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = h5py.File(self.file, "r")
+            self._pid = os.getpid()
+            element = self._handle[self.key]
+            # dataset handles, looked up once: a lookup costs as much as a small read
+            self._datasets = {"X": element} if isinstance(element, h5py.Dataset) else {
+                "data": element["data"], "indices": element["indices"]}
+        return self._handle[self.key]
+
+    def _read(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows (or CSR entries) ``start:stop`` of a dataset into ``out`` with HDF5's low-level read: h5py's
+        indexing costs a few hundred microseconds of Python per call, more than a 64-row read itself."""
+        if self._pid != os.getpid():
+            self._element()
+        dataset = self._datasets[name]
+        count = (stop - start, *dataset.shape[1:])
+        file_space = dataset.id.get_space()
+        file_space.select_hyperslab((start,) + (0,) * (len(count) - 1), count)
+        dataset.id.read(h5py.h5s.create_simple(count), file_space, out)
+
+    def read_range(self, start: int, stop: int) -> Matrix:
+        return self.read_runs(np.array([start]), np.array([stop]))
+
+    def read_runs(self, starts: np.ndarray, stops: np.ndarray) -> Matrix:
+        sizes = stops - starts
+        n = int(sizes.sum())
+        if self.indptr is None:
+            out = np.empty((n, self.n_features), dtype=np.float32)
+            at = 0
+            for a, b in zip(starts.tolist(), stops.tolist()):
+                if b > a:
+                    self._read("X", a, b, out[at:at + b - a])
+                at += b - a
+            return out
+        lo, hi = self.indptr[starts], self.indptr[stops]
+        nnz = int((hi - lo).sum())
+        data = np.empty(nnz, dtype=np.float32)
+        indices = np.empty(nnz, dtype=np.int64)
+        at = 0
+        for a, b in zip(lo.tolist(), hi.tolist()):
+            if b > a:
+                self._read("data", a, b, data[at:at + b - a])
+                self._read("indices", a, b, indices[at:at + b - a])
+            at += b - a
+        row_lengths = np.concatenate([np.diff(self.indptr[a:b + 1]) for a, b in zip(starts, stops)]) if n else []
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(row_lengths, out=indptr[1:])
+        return sp.csr_matrix((data, indices, indptr), shape=(n, self.n_features))
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handle"] = state["_datasets"] = None  # reopened in the receiving process
+        return state
+
+
+class NpyStore(RowStore):
+    """Rows of a row-major float32 ``.npy`` file, read with ``pread``.
+
+    Not a memory map on purpose: mapped pages count in the process's resident memory until the kernel
+    reclaims them, so walking a 20 GB map looks like a 20 GB process to a cluster's memory limit.
+    """
+
+    def __init__(self, file: Path) -> None:
+        self.file = Path(file)
+        with open(self.file, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran or dtype != np.float32 or len(shape) != 2:
+            raise DataError(f"{self.file}: expected a C-ordered float32 matrix, got {dtype} {shape}")
+        self.n_rows, self.n_features = shape
+        self.row_bytes = self.n_features * 4
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self.file, os.O_RDONLY)
+            self._pid = os.getpid()
+        return self._fd
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        return self.read_runs(np.array([start]), np.array([max(stop, start)]))
+
+    def read_runs(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        out = np.empty((int((stops - starts).sum()), self.n_features), dtype=np.float32)
+        view, at = memoryview(out).cast("B"), 0
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            size = (b - a) * self.row_bytes
+            if os.preadv(self._descriptor(), [view[at:at + size]], self.offset + a * self.row_bytes) != size:
+                raise DataError(f"{self.file}: truncated cache (rows {a}-{b} missing); delete it to rebuild")
+            at += size
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fd"] = None
+        return state
+
+
+def table_cache(source: ModalitySource, cache_dir: str | Path | None = None, chunk_rows: int = 65536) -> Path:
+    """The ``.npy`` cache of a table source's feature columns, built (atomically) if missing or stale.
+
+    The cache is keyed by the file's path and valid while the file's size and modification time and the
+    selected feature names are those it was built from.
+    """
+    import pyarrow.parquet as pq
+
+    file = source.file.resolve()
+    names = source.feature_names()
+    stat = file.stat()
+    fingerprint = {"file": str(file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                   "features": hashlib.sha1("\n".join(names).encode()).hexdigest(), "n_features": len(names)}
+    folder = Path(cache_dir) if cache_dir is not None else cache_root()
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{file.stem}-{hashlib.sha1(str(file).encode()).hexdigest()[:12]}"
+    target, meta = folder / f"{stem}.npy", folder / f"{stem}.json"
+    if target.is_file() and meta.is_file() and json.loads(meta.read_text()) == fingerprint:
+        return target
+    log.info("converting the feature columns of %s to a row-major cache %s (once)", file, target)
+    n_rows = source.num_rows()
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".npy", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        out = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float32, shape=(n_rows, len(names)))
+        if file.suffix in (".parquet", ".pq"):
+            start = 0
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=chunk_rows, columns=names):
+                block = np.column_stack([c.to_numpy(zero_copy_only=False) for c in batch.columns])
+                out[start:start + len(block)] = block
+                start += len(block)
+        else:  # text tables are read whole anyway
+            out[:] = source._read_raw(None)
+        out.flush()
+        del out
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    meta.write_text(json.dumps(fingerprint))
+    return target
+
+
+def open_store(source: ModalitySource, cache_dir: str | Path | None = None) -> RowStore:
+    """A row store over a vector source's file (``.h5ad`` read in place; tables through the cache)."""
+    if source.input_kind != "vectors":
+        raise DataError(f"{source.file}: streaming reads feature vectors; {type(source).__name__} gives "
+                        f"{source.input_kind} (keep it in memory)")
+    if isinstance(source, AnnDataSource):
+        key = "X" if source.layer is None and source.obsm is None else (
+            f"layers/{source.layer}" if source.layer is not None else f"obsm/{source.obsm}")
+        with h5py.File(source.file, "r") as f:
+            source._element(f)  # a missing layer gets the source's own message
+        return H5Store(source.file, key)
+    return NpyStore(table_cache(source, cache_dir))
+
+
+# -- the epoch plan ------------------------------------------------------------------------------------
+
+def epoch_plan(
+    n: int, batch_size: int, block_size: int, buffer_batches: int, seed: int, epoch: int, rank: int, world: int,
+) -> list[np.ndarray]:
+    """Positions (into ``n`` rows) that one rank reads this epoch, as shuffle buffers.
+
+    Blocks of ``block_size`` consecutive rows are permuted (from ``seed`` and ``epoch``, the same on every
+    rank); rank ``r`` takes the ``r``-th equal share of the permuted rows, so ranks are disjoint and have
+    the same number of batches. The ``n mod (world * batch_size)`` rows left over are dropped, different
+    ones each epoch. Each buffer holds ``buffer_batches`` batches (the last may hold fewer), its rows
+    shuffled.
+    """
+    per_rank = (n // (world * batch_size)) * batch_size
+    rng = np.random.default_rng([seed, epoch])
+    starts = np.arange(0, n, block_size)[rng.permutation(math.ceil(n / block_size))]
+    order = np.concatenate([np.arange(s, min(s + block_size, n)) for s in starts]) if n else np.zeros(0, np.int64)
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    size = buffer_batches * batch_size
+    buffers = [mine[i:i + size] for i in range(0, per_rank, size)]
+    for k, buffer in enumerate(buffers):
+        np.random.default_rng([seed, epoch, rank, k]).shuffle(buffer)
+    return buffers
+
+
+class BufferSampler(DistributedSampler):
+    """Yields ``(epoch, buffer, batch)`` for this rank, ordered so DataLoader worker ``w`` gets whole buffers.
+
+    A DataLoader hands the ``i``-th item to worker ``i mod num_workers``; interleaving buffers this way
+    lets each worker read a buffer once and serve all its batches. A ``DistributedSampler`` so Lightning
+    neither wraps it nor replaces it, and calls ``set_epoch``.
+    """
+
+    def __init__(self, dataset: StreamingDataset, num_replicas: int, rank: int, num_workers: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=dataset.seed)
+        self.dataset = dataset
+        self.workers = max(num_workers, 1)
+
+    def _batches_per_buffer(self) -> list[int]:
+        d = self.dataset
+        per_rank = (len(d.rows) // (self.num_replicas * d.batch_size)) * d.batch_size
+        size = d.buffer_batches * d.batch_size
+        return [min(size, per_rank - i) // d.batch_size for i in range(0, per_rank, size)]
+
+    def __len__(self) -> int:
+        return sum(self._batches_per_buffer())
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        counts = self._batches_per_buffer()
+        # buffers go to workers round-robin; walk the workers' queues in the order the DataLoader asks them
+        queues = [[(k, j) for k in range(w, len(counts), self.workers) for j in range(counts[k])]
+                  for w in range(self.workers)]
+        for i in range(max((len(q) for q in queues), default=0)):
+            for queue in queues:
+                if i < len(queue):
+                    yield (self.epoch, *queue[i])
+        # a worker whose queue ran out gets nothing more: DataLoader then asks the next worker
+
+
+@dataclass
+class Partner:
+    """A modality paired with the streamed one: a replicate of each example's key is drawn from it.
+
+    ``members`` maps each key (its index among the split's keys) to rows: file rows of ``store`` when the
+    modality is read from disk, positions in ``features`` when it is held in memory (e.g. molecule graphs).
+    """
+
+    members: Any
+    source: ModalitySource
+    store: RowStore | None = None
+    features: Any = None
+
+
+class StreamingDataset(Dataset):
+    """Training examples read from disk a buffer at a time.
+
+    Every row of the streamed modality is an example once per epoch (up to the remainder that keeps ranks
+    equal), paired, when there are partners, with a replicate of the same key drawn from each of them
+    (from ``seed``, the epoch and the buffer: repeatable). Items are ``(epoch, buffer, batch)`` from a
+    :class:`BufferSampler`; a worker keeps the buffer it is serving and reads the next when asked for it.
+
+    Args:
+        name: the streamed modality's name (its key in batches).
+        source: its source (transform and checks); ``store`` reads its rows.
+        rows: the file rows of this split, sorted.
+        groups: the integer group id (key) of each row, what batches carry as ``group``.
+        batch_size: rows per batch.
+        block_size: consecutive rows read and shuffled as a unit.
+        buffer_batches: batches per shuffle buffer.
+        seed: seed of the epoch plans and partner draws.
+        partners: other modalities by name.
+        key_index: each row's key as an index into the partners' ``members`` (needed with partners).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        source: ModalitySource,
+        store: RowStore,
+        rows: np.ndarray,
+        groups: np.ndarray,
+        batch_size: int,
+        block_size: int = 64,
+        buffer_batches: int = 16,
+        seed: int = 0,
+        partners: dict[str, Partner] | None = None,
+        key_index: np.ndarray | None = None,
+    ) -> None:
+        if batch_size < 1 or block_size < 1 or buffer_batches < 1:
+            raise ValueError("batch_size, block_size and buffer_batches must be at least 1")
+        self.name = name
+        self.source = source
+        self.store = store
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.groups = np.asarray(groups, dtype=np.int64)
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.buffer_batches = buffer_batches
+        self.seed = seed
+        self.partners = partners or {}
+        self.key_index = key_index
+        if self.partners and key_index is None:
+            raise ValueError("StreamingDataset: partners need key_index")
+        self.rank, self.world = 0, 1
+        self._plan: tuple[int, list[np.ndarray]] | None = None
+        self._buffer: tuple[tuple[int, int], dict[str, Any]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Read the share of rank ``rank`` of ``world`` processes."""
+        self.rank, self.world = rank, world
+        self._plan = self._buffer = None
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = (epoch, epoch_plan(len(self.rows), self.batch_size, self.block_size, self.buffer_batches,
+                                            self.seed, epoch, self.rank, self.world))
+        return self._plan[1]
+
+    def _read_buffer(self, epoch: int, k: int) -> dict[str, Any]:
+        positions = self.plan(epoch)[k]  # shuffled
+        # read in file order, then serve in the shuffled order: no second copy of the buffer
+        rows, where = np.unique(self.rows[positions], return_inverse=True)
+        buffer: dict[str, Any] = {
+            self.name: _Deferred(self.source.finish(self.store.read_rows(rows), rows), where),
+            GROUP: self.groups[positions],
+        }
+        rng = np.random.default_rng([self.seed, epoch, self.rank, k, 1])
+        for name, partner in self.partners.items():
+            keys, m = self.key_index[positions], partner.members
+            drawn = m.rows[m.offsets[keys] + (rng.random(len(keys)) * m.counts()[keys]).astype(np.int64)]
+            if partner.store is not None:
+                unique, where = np.unique(drawn, return_inverse=True)
+                buffer[name] = _Deferred(partner.source.finish(partner.store.read_rows(unique), unique), where)
+            else:
+                buffer[name] = _Deferred(partner.features, drawn)
+        return buffer
+
+    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
+        epoch, k, j = item
+        if self._buffer is None or self._buffer[0] != (epoch, k):
+            self._buffer = None  # let the old buffer go before reading the next
+            self._buffer = ((epoch, k), self._read_buffer(epoch, k))
+        span = slice(j * self.batch_size, (j + 1) * self.batch_size)
+        batch = {}
+        for name, value in self._buffer[1].items():
+            if name == GROUP:
+                batch[name] = torch.from_numpy(value[span])
+            else:
+                batch[name] = take_rows(value.features, value.rows[span])
+        return batch
+
+
+@dataclass
+class _Deferred:
+    """Rows of a buffer or of an in-memory modality, taken batch by batch (graphs are batched when served)."""
+
+    features: Any
+    rows: np.ndarray
