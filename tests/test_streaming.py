@@ -51,7 +51,8 @@ def test_epoch_plan_shards_are_disjoint_equal_and_cover_the_data(world):
 
 def test_epoch_plan_reshuffles_each_epoch_and_follows_the_seed():
     plan = partial(epoch_plan, 500, 10, 5, 3, rank=0, world=1)
-    first, again, second, other = plan(seed=1, epoch=0), plan(seed=1, epoch=0), plan(seed=1, epoch=1), plan(seed=2, epoch=0)
+    first, again = plan(seed=1, epoch=0), plan(seed=1, epoch=0)
+    second, other = plan(seed=1, epoch=1), plan(seed=2, epoch=0)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not np.array_equal(np.concatenate(first), np.concatenate(second))
     assert not np.array_equal(np.concatenate(first), np.concatenate(other))
