@@ -242,7 +242,14 @@ def test_read_features_applies_transform_to_requested_rows(h5ad_files, x, kind, 
     rows = np.array([4, 2, 0])
     source = AnnDataSource(str(h5ad_files[kind]), transform=transform)
     expected = dense(apply_transform(x[rows], transform))
-    np.testing.assert_allclose(dense(source.read_features(rows)), expected, rtol=1e-6)
+    if transform in ("normalize_log1p", "clr"):  # row 2 is all zero: an error for training, zeros when embedding
+        with pytest.raises(DataError, match=r"1 rows are all zero \(e.g. rows \[2\]\)"):
+            source.read_features(rows)
+        with pytest.warns(UserWarning, match="embedded as zero vectors"):
+            got = source.read_features(rows, empty_rows="warn")
+    else:
+        got = source.read_features(rows)
+    np.testing.assert_allclose(dense(got), expected, rtol=1e-6)
     if transform == "clr":  # CLR is per row: reading a subset equals transforming everything then slicing
         np.testing.assert_allclose(expected, clr_reference(x)[rows], rtol=1e-5, atol=1e-6)
 
@@ -507,7 +514,7 @@ def test_describe_table_resolves_prefix(parquet_file):
         "transform": "clr",
     }
     rebuilt = TableSource(str(parquet_file), **described["init_args"])
-    np.testing.assert_array_equal(rebuilt.read_features(), source.read_features())
+    np.testing.assert_array_equal(rebuilt.read_features(empty_rows="warn"), source.read_features(empty_rows="warn"))
     # describing does not change how the source itself selects columns
     assert source.feature_prefix == "feat_" and source.features is None
 

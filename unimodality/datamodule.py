@@ -37,6 +37,13 @@ class DataModule(ConfigHyperparameters, LightningDataModule):
         raise NotImplementedError
 
 
+def check_sizes(owner: str, **sizes: int | None) -> None:
+    """Sizes (batch sizes, counts) must be at least 1; ``None`` means unset."""
+    bad = {name: value for name, value in sizes.items() if value is not None and value < 1}
+    if bad:
+        raise ValueError(f"{owner}: {', '.join(f'{n}={v}' for n, v in bad.items())}: must be at least 1")
+
+
 def take_rows(matrix: Any, rows: np.ndarray) -> Any:
     """A batch of ``rows`` of what a source read: rows of a feature matrix as a dense float32 tensor, or
     whatever the source's own store makes of them (``store.take(rows)``: a graph batch, an image tensor)."""

@@ -491,7 +491,9 @@ class ImageSource(ModalitySource):
         return str(self.images_file) if self.images is not None else str(self.file)
 
     # -- reading -----------------------------------------------------------------------------------------
-    def read_features(self, rows: np.ndarray | None = None, align_to: list[str] | None = None) -> ImageStore:
+    def read_features(
+        self, rows: np.ndarray | None = None, align_to: list[str] | None = None, empty_rows: str = "error"
+    ) -> ImageStore:
         """A store of the images of ``rows`` (all when None), channels aligned by name to ``align_to``."""
         names = self.feature_names()
         n = self.num_rows()

@@ -220,7 +220,9 @@ class MoleculeSource(ModalitySource):
             self._graphs[smiles] = None if mol is None else mol_to_graph(mol)
         return self._graphs[smiles]
 
-    def read_features(self, rows: np.ndarray | None = None, align_to: list[str] | None = None) -> MoleculeGraphs:
+    def read_features(
+        self, rows: np.ndarray | None = None, align_to: list[str] | None = None, empty_rows: str = "error"
+    ) -> MoleculeGraphs:
         if align_to is not None and list(align_to) != ATOM_FEATURES:
             raise DataError(
                 f"the model's molecule tower was trained on {len(align_to)} atom features that differ from this "

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from unimodality.checkpoint import check_checkpoint, read_checkpoint, stamp
 from unimodality.config import ConfigHyperparameters
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; training stops before the weights are updated with it."""
 
 
 class Setup(ConfigHyperparameters, LightningModule):
@@ -63,7 +69,33 @@ class Setup(ConfigHyperparameters, LightningModule):
             )
         self.build(schema)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Setup:  # type: ignore[override]
+        """Lightning's loader, after checking the file: readable, tensors only, a known format, this class."""
+        if isinstance(checkpoint_path, str | Path) and "://" not in str(checkpoint_path):
+            read_checkpoint(checkpoint_path, expected=cls)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    #: the terms of the last training loss (e.g. per modality pair), named in a non-finite loss error
+    loss_terms: dict[str, torch.Tensor] | None = None
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        # checked every step, before backward: a NaN never reaches the weights (nor, so, a checkpoint)
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in (self.loss_terms or {}).items())
+            raise NonFiniteLossError(
+                f"training stopped at step {self.global_step} (epoch {self.current_epoch}): the loss is "
+                f"{loss.item()}{f' ({terms})' if terms else ''}. The weights were not updated with it, and the "
+                "last checkpoint saved holds finite weights. Common causes: a learning rate too high "
+                "(model.optimizer.init_args.lr), fp16 overflow (use bf16-mixed or 32-true precision), or "
+                "features with extreme values (consider a transform such as log1p)."
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stamp(checkpoint)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint(checkpoint, "the checkpoint", expected=type(self))
         self.restore_config_hparams(checkpoint)
 
     def is_logging_step(self) -> bool:

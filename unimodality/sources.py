@@ -62,6 +62,7 @@ class ModalitySource(RecordsInitArgs):
         file = resolve_path(self.path)
         if not file.is_file():
             raise FileNotFoundError(f"{type(self).__name__}: file not found: {file}")
+        check_readable(file)
         return file
 
     # -- what subclasses implement ------------------------------------------------------------------
@@ -98,16 +99,26 @@ class ModalitySource(RecordsInitArgs):
             self._feature_names = names
         return self._feature_names
 
-    def read_features(self, rows: np.ndarray | None = None, align_to: list[str] | None = None) -> Matrix:
-        """Read, align by name to ``align_to`` (missing features are zeros), transform and check."""
-        if align_to is None:
-            return self.finish(self._read_raw(rows), rows)
-        return self.finish(self._read_aligned(rows, align_to), rows, align_to)
+    def read_features(
+        self, rows: np.ndarray | None = None, align_to: list[str] | None = None, empty_rows: str = "error"
+    ) -> Matrix:
+        """Read, align by name to ``align_to`` (missing features are zeros), transform and check.
 
-    def finish(self, matrix: Matrix, rows: np.ndarray | None, names: list[str] | None = None) -> Matrix:
+        All-zero rows cannot be normalised by ``normalize_log1p``/``clr``: an error for training data,
+        ``empty_rows="warn"`` when embedding (they get an embedding, with a warning counting them).
+        """
+        if align_to is None:
+            return self.finish(self._read_raw(rows), rows, empty_rows=empty_rows)
+        return self.finish(self._read_aligned(rows, align_to), rows, align_to, empty_rows=empty_rows)
+
+    def finish(
+        self, matrix: Matrix, rows: np.ndarray | None, names: list[str] | None = None, empty_rows: str = "error"
+    ) -> Matrix:
         """Check raw rows (read here or by a streaming store) for non-finite values and transform them."""
         names = self.feature_names() if names is None else names
         self._check_finite(matrix, rows, names, "")
+        if self.transform in ("normalize_log1p", "clr"):
+            self._check_not_empty(matrix, rows, empty_rows)
         matrix = apply_transform(matrix, self.transform, inplace=True)  # the rows were just read: ours to change
         self._check_finite(matrix, rows, names, f" after the {self.transform!r} transform (negative values?)")
         return matrix
@@ -129,6 +140,21 @@ class ModalitySource(RecordsInitArgs):
     def close(self) -> None:
         """Drop cached file contents."""
 
+    def _check_not_empty(self, matrix: Matrix, rows: np.ndarray | None, empty_rows: str) -> None:
+        """Per-row normalisations are undefined for a row of zeros (an empty droplet, a failed well)."""
+        empty = np.flatnonzero(np.asarray(abs(matrix).sum(axis=1)).ravel() == 0)
+        if not len(empty):
+            return
+        file_rows = empty if rows is None else np.asarray(rows)[empty]
+        message = (
+            f"{self.file}: {len(empty)} rows are all zero (e.g. rows {file_rows[:5].tolist()}), which the "
+            f"{self.transform!r} transform cannot normalise"
+        )
+        if empty_rows == "warn":
+            warnings.warn(f"{message}; they are embedded as zero vectors", stacklevel=3)
+            return
+        raise DataError(f"{message}; filter them out first (e.g. scanpy's sc.pp.filter_cells(adata, min_counts=1))")
+
     def _check_finite(self, matrix: Matrix, rows: np.ndarray | None, names: list[str], when: str) -> None:
         values = matrix.data if sp.issparse(matrix) else matrix
         if np.isfinite(values).all():
@@ -146,6 +172,31 @@ class ModalitySource(RecordsInitArgs):
             f"{self.file}: {len(bad_rows)} NaN or infinite feature values{when} in "
             f"{len(np.unique(bad_rows))} rows (e.g. {examples}); clean or impute them first"
         )
+
+
+_READABLE: set[tuple[str, int, int]] = set()
+
+
+def check_readable(file: Path) -> None:
+    """Fail with a clear message when an ``.h5ad`` or parquet file cannot be opened (truncated, corrupt, not
+    that format), instead of a library error deep inside a later read. Checked once per file version."""
+    stat = file.stat()
+    version = (str(file), stat.st_size, stat.st_mtime_ns)
+    if version in _READABLE:
+        return
+    name = file.name.lower()
+    try:
+        if name.endswith(".h5ad"):
+            with h5py.File(file, "r") as f:
+                f.keys()
+        elif name.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+
+            pq.ParquetFile(file).close()
+    except (OSError, pa.ArrowException) as err:
+        kind = "HDF5 (.h5ad)" if name.endswith(".h5ad") else "parquet"
+        raise DataError(f"{file}: not a readable {kind} file (truncated or corrupt?): {err}") from None
+    _READABLE.add(version)
 
 
 def apply_transform(matrix: Matrix, transform: str, inplace: bool = False) -> Matrix:

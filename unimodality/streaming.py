@@ -148,8 +148,11 @@ class H5Store(RowStore):
             return out
         lo, hi = self.indptr[starts], self.indptr[stops]
         nnz = int((hi - lo).sum())
+        # 32-bit column indices and row pointers when they fit (they nearly always do within a buffer):
+        # half the memory of 64-bit ones, and scipy keeps them as they are instead of copying to unify
+        index_dtype = np.int32 if max(nnz, self.n_features) < 2**31 else np.int64
         data = np.empty(nnz, dtype=np.float32)
-        indices = np.empty(nnz, dtype=np.int64)
+        indices = np.empty(nnz, dtype=index_dtype)
         at = 0
         for a, b in zip(lo.tolist(), hi.tolist()):
             if b > a:
@@ -157,7 +160,7 @@ class H5Store(RowStore):
                 self._read("indices", a, b, indices[at:at + b - a])
             at += b - a
         row_lengths = np.concatenate([np.diff(self.indptr[a:b + 1]) for a, b in zip(starts, stops)]) if n else []
-        indptr = np.zeros(n + 1, dtype=np.int64)
+        indptr = np.zeros(n + 1, dtype=index_dtype)
         np.cumsum(row_lengths, out=indptr[1:])
         return sp.csr_matrix((data, indices, indptr), shape=(n, self.n_features))
 

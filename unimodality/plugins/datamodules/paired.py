@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from unimodality.datamodule import GROUP, SplitDataModule, take_rows
+from unimodality.datamodule import GROUP, SplitDataModule, check_sizes, take_rows
 from unimodality.sources import DataError, Matrix, ModalitySource
 from unimodality.streaming import Partner, StreamingDataset, open_store
 
@@ -139,6 +139,10 @@ class PairedDataModule(SplitDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_sizes("PairedDataModule", batch_size=batch_size, eval_batch_size=eval_batch_size, block_size=block_size,
+                    buffer_batches=buffer_batches)
+        if num_workers < 0:
+            raise ValueError(f"PairedDataModule: num_workers must be >= 0, got {num_workers}")
         if len(modalities) < 2:
             raise ValueError(f"PairedDataModule needs at least two modalities, got {list(modalities)}")
         if not keys:

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from unimodality.datamodule import GROUP, SplitDataModule, take_rows
+from unimodality.datamodule import GROUP, SplitDataModule, check_sizes, take_rows
 from unimodality.plugins.datamodules.paired import (
     check_fractions,
     check_split_values,
@@ -104,6 +104,10 @@ class SingleDataModule(SplitDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_sizes("SingleDataModule", batch_size=batch_size, eval_batch_size=eval_batch_size, block_size=block_size,
+                    buffer_batches=buffer_batches)
+        if num_workers < 0:
+            raise ValueError(f"SingleDataModule: num_workers must be >= 0, got {num_workers}")
         check_fractions("SingleDataModule", val_fraction, test_fraction)
         if keys is not None and not keys:
             raise ValueError("SingleDataModule: keys must name at least one key column, or be left unset")

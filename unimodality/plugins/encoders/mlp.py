@@ -35,8 +35,12 @@ class MLPEncoder(Encoder):
         residual: bool = False,
     ) -> None:
         super().__init__(in_features)
-        if not hidden_sizes:
-            raise ValueError("MLPEncoder: hidden_sizes must name at least one layer")
+        if not hidden_sizes or min(hidden_sizes) < 1:
+            raise ValueError(
+                f"MLPEncoder: hidden_sizes must name at least one layer, each of width >= 1; got {hidden_sizes}"
+            )
+        if not 0 <= dropout < 1:
+            raise ValueError(f"MLPEncoder: dropout must be in [0, 1), got {dropout}")
         self.residual = residual
         blocks = []
         width = in_features
