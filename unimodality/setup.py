@@ -76,6 +76,19 @@ class Setup(ConfigHyperparameters, LightningModule):
             read_checkpoint(checkpoint_path, expected=cls)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
+    def own_default(self, name: str, value: Any) -> Any:
+        """``value``, copied when it is the signature's default object (e.g. a ``lazy_instance`` loss).
+
+        A default object is created once, with the class: every model built without that argument would
+        otherwise share it, and with it its learnable parameters (a second model in the same process
+        would start from the first one's trained temperature).
+        """
+        import copy
+        import inspect
+
+        default = inspect.signature(type(self).__init__).parameters[name].default
+        return copy.deepcopy(value) if value is default else value
+
     #: the terms of the last training loss (e.g. per modality pair), named in a non-finite loss error
     loss_terms: dict[str, torch.Tensor] | None = None
 
@@ -93,10 +106,16 @@ class Setup(ConfigHyperparameters, LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stamp(checkpoint)
+        # the random streams too: a resumed run then draws the same data order, replicates and dropout
+        # masks as an uninterrupted one would have
+        checkpoint["unimodality"]["rng"] = random_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint(checkpoint, "the checkpoint", expected=type(self))
         self.restore_config_hparams(checkpoint)
+        resuming = self._trainer is not None and self.trainer.state.fn == "fit"
+        if resuming and "rng" in checkpoint.get("unimodality", {}):  # not when merely loading weights
+            set_random_states(checkpoint["unimodality"]["rng"])
 
     def is_logging_step(self) -> bool:
         """Whether loggers record this training step's metrics (every ``trainer.log_every_n_steps``).
@@ -123,3 +142,34 @@ class Setup(ConfigHyperparameters, LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.lr_scheduler_monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def random_states() -> dict[str, Any]:
+    """The process's random generator states, as tensors and plain values (loadable with weights_only)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    python = states["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -73,7 +73,7 @@ class SimCLRSetup(Setup):
             raise ValueError("SimCLRSetup: embed_dim and projection_hidden must be at least 1")
         self.make_encoder = encoder
         self.augmentations = Compose(list(augmentations or []))
-        self.loss = loss
+        self.loss = self.own_default("loss", loss)
         self.embed_dim = embed_dim
         self.projection_hidden = projection_hidden
         self.retrieval_k = tuple(retrieval_k)
