@@ -278,3 +278,28 @@ def test_training_steps_with_molecules_in_python(example_data_dir):
     )
     quiet_trainer(max_epochs=1, limit_val_batches=1).fit(model, datamodule=data)
     assert model.schema["mol"]["input"] == "graphs" and model.schema["mol"]["features"] == ATOM_FEATURES
+
+
+def test_a_frozen_molecule_tower_loads_a_trained_gnn(tx_mol_run, example_data_dir):
+    """Pretrained weights from a unimodality checkpoint, selected by key prefix, for a frozen tower."""
+    ckpt = tx_mol_run / "checkpoints" / "last.ckpt"
+    trained = CrossModalSetup.load_from_checkpoint(ckpt)
+    data = PairedDataModule(
+        {"tx": AnnDataSource("example://transcriptomics.h5ad", transform="normalize_log1p"),
+         "mol": MoleculeSource("example://transcriptomics.h5ad")},
+        keys=["smiles"], split_column="split", batch_size=32,
+    )
+    model = CrossModalSetup(
+        encoders={"tx": partial(MLPEncoder, hidden_sizes=[64]),
+                  "mol": partial(GNNEncoder, hidden_size=128, num_layers=3)},
+        modes={"mol": "frozen"}, weights={"mol": str(ckpt)}, weights_prefix={"mol": "towers.mol.encoder."},
+    )
+    quiet_trainer(max_epochs=1, limit_val_batches=1).fit(model, datamodule=data)
+    for (name, got), want in zip(model.towers["mol"].encoder.state_dict().items(),
+                                 trained.towers["mol"].encoder.state_dict().values()):
+        assert torch.equal(got, want), name  # loaded, and unchanged by training
+    with pytest.raises(RuntimeError, match="size mismatch"):  # another architecture does not load silently
+        CrossModalSetup(
+            encoders={"tx": partial(MLPEncoder, hidden_sizes=[64]), "mol": partial(GNNEncoder, hidden_size=64)},
+            modes={"mol": "frozen"}, weights={"mol": str(ckpt)}, weights_prefix={"mol": "towers.mol.encoder."},
+        ).build(model.schema)
