@@ -21,6 +21,14 @@ def example_data_dir(tmp_path_factory) -> Path:
     return root / f"example-{VERSION}"
 
 
+@pytest.fixture(autouse=True)
+def outside_slurm(monkeypatch):
+    """Tests run as if not inside a Slurm job (even when the suite is): runs get their usual directories.
+    The tests that submit real jobs set what their jobs need themselves."""
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The workplace's small real datasets (../shared/data); tests using them skip elsewhere."""

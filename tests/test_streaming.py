@@ -200,10 +200,10 @@ def test_streaming_trains_like_in_memory(example_data_dir, tmp_path):
             embed_dim=64,
         )
         # the same number of steps (a streamed epoch has a step per transcriptomics row, not per perturbation)
-        trainer = quiet_trainer(max_epochs=-1, max_steps=60, limit_val_batches=0, num_sanity_val_steps=0)
+        trainer = quiet_trainer(max_epochs=-1, max_steps=100, limit_val_batches=0, num_sanity_val_steps=0)
         trainer.fit(model, datamodule=data)
         results[streaming] = quiet_trainer().validate(model, datamodule=data, verbose=False)[0]["val/recall@10"]
-    assert results[True] > 0.5 and results[False] > 0.5  # chance is about 0.025 x 10
+    assert results[True] > 0.4 and results[False] > 0.4  # chance: 10 of the 40 validation perturbations
     assert abs(results[True] - results[False]) < 0.2
 
 

@@ -31,6 +31,8 @@ def read_checkpoint(path: str | Path, expected: type | None = None) -> dict[str,
     """The content of a checkpoint file, checked: readable, tensors and containers only, a format this
     version understands and, with ``expected``, a model of that class (or a subclass)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a directory, not a checkpoint file (nor a DeepSpeed checkpoint directory)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

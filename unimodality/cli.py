@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from unimodality import registry
+from unimodality import registry, resume
+from unimodality.checkpoint import AtomicCheckpointIO, read_checkpoint
 from unimodality.datamodule import DataModule
-from unimodality.outputs import EmbeddingWriter
-from unimodality.setup import Setup
+from unimodality.outputs import EmbeddingWriter, ResultsWriter
+from unimodality.plots import PlotCallback
+from unimodality.setup import NonFiniteLossError, Setup
+from unimodality.sources import DataError
 
 EVALUATION = ("validate", "test", "predict")
 _RESOLUTION_ERRORS = ("import path", "subclass of", "Problem with given class_path")
@@ -88,15 +99,74 @@ class UnimodalityCLI(LightningCLI):
         # options given on the command line win over it; Lightning's own merge would overwrite them
         return
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:
+            return
+        _check_strategy_available(self._get(self.config, "trainer", default={}), self.subcommand)
+        version = resume.slurm_version()
+        if self.subcommand == "fit" and version:
+            # a requeued job starts again with the same job id: name the run directory after it, so the new
+            # job finds (and resumes from) the checkpoints of the one it replaces
+            for logger in _logger_configs(self._get(self.config, "trainer.logger")):
+                if "version" in logger.init_args and logger.init_args.version is None:
+                    logger.init_args.version = version
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.subcommand == "predict":
             kwargs.setdefault("logger", False)  # embedding writes files, not metrics: no empty run folder
-        trainer = super().instantiate_trainer(**kwargs)
+        self.run_dir = self._fixed_run_dir() if self.subcommand == "fit" else None
+        if self.run_dir is not None and resume.slurm_job_id():
+            # Lightning saves its SIGUSR1 checkpoint (hpc_ckpt_<n>.ckpt) into default_root_dir and looks for
+            # one there on restart; by default that is the job's working directory, shared by every job
+            # started from it. The run directory is this run's own.
+            kwargs["default_root_dir"] = str(self.run_dir)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:  # e.g. --trainer.accelerator gpu without a GPU
+            _exit_with_error(self.subcommand, str(error))
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default (not DeepSpeed's)
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a killed run leaves no truncated checkpoint
         if self.subcommand == "predict":
             trainer.callbacks.append(EmbeddingWriter())
+        if self.subcommand == "test":
+            trainer.callbacks.append(ResultsWriter())  # test_results*.csv/json in the run directory
+        if self.subcommand in ("fit", "test"):
+            trainer.callbacks.append(PlotCallback())  # PNGs in <run dir>/plots (skipped without matplotlib)
+        if self.run_dir is not None and resume.slurm_job_id():
+            _add_slurm_requeue(trainer)
         if trainer.fast_dev_run:  # a smoke test: leave no checkpoint behind (Lightning would save last.ckpt)
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
         return trainer
+
+    def _fixed_run_dir(self) -> Path | None:
+        """The run directory when it is known before training, i.e. the logger's version is fixed (given, or
+        ``slurm-<job id>``); ``None`` for an auto-incremented ``version_<n>`` (always a new directory)."""
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("fast_dev_run"):
+            return None
+        loggers = trainer_config.get("logger")
+        first = next((x for x in (loggers if isinstance(loggers, list) else [loggers]) if isinstance(x, Logger)), None)
+        if first is None or getattr(first, "_version", None) is None or first.log_dir is None:
+            return None
+        return Path(first.log_dir)
+
+    def fit(self, model: LightningModule, datamodule: Any = None, ckpt_path: str | None = None, **kwargs: Any):
+        # a run directory that already holds a checkpoint (a requeued Slurm job, or a run started again with
+        # the same --trainer.logger.init_args.version) is continued, not overwritten; --ckpt_path overrides
+        if ckpt_path is None and self.run_dir is not None:
+            found = resume.newest_checkpoint(self.run_dir)
+            if found is not None:
+                ckpt_path = str(found)
+                if rank_zero_only.rank == 0:
+                    progress = resume.checkpoint_progress(found)
+                    resume.keep_csv_metrics(self.trainer.logger, progress["logged_step"] if progress else None)
+                    where = f" (epoch {progress['epoch']}, global step {progress['global_step']})" if progress else ""
+                    print(
+                        f"Resuming run {self.run_dir} from its newest checkpoint {found}{where}; pass "
+                        "--ckpt_path to choose another one",
+                        flush=True,
+                    )
+        self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
 
     def after_fit(self) -> None:
         log_dir = self.trainer.log_dir  # a collective call under DDP: every rank takes part
@@ -117,6 +187,54 @@ class UnimodalityCLI(LightningCLI):
             print(f"\nEmbeddings written to {written}", flush=True)
 
 
+def _logger_configs(config: Any) -> list[Any]:
+    """The ``class_path``/``init_args`` configs among ``trainer.logger`` (a config, a list, or a bool)."""
+    configs = config if isinstance(config, list) else [config]
+    return [c for c in configs if hasattr(c, "class_path") and getattr(c, "init_args", None) is not None]
+
+
+def _add_slurm_requeue(trainer: Trainer) -> None:
+    """Checkpoint-and-requeue on Slurm's signal with every process in step (see ``resume.SlurmRequeue``),
+    unless the config turned Lightning's auto-requeue off (``SLURMEnvironment(auto_requeue=false)``)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    environment = environment or getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+    if isinstance(environment, SLURMEnvironment) and not environment.auto_requeue:
+        return
+    signum = getattr(environment, "requeue_signal", None) or signal.SIGUSR1
+    trainer.callbacks.append(resume.SlurmRequeue(resume.slurm_job_id(), signum=signum))
+
+
+def _check_strategy_available(trainer_config: Any, subcommand: str) -> None:
+    """Fail with one clear paragraph, before anything is built, when the strategy cannot run here (today:
+    DeepSpeed without CUDA or the deepspeed package; Lightning would fail deep in instantiation)."""
+    strategy = trainer_config.get("strategy") if trainer_config else None
+    name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "") or ""
+    if "deepspeed" not in name.lower():
+        return
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (none is visible here)")
+    if importlib.util.find_spec("deepspeed") is None:
+        missing.append('the deepspeed package (pip install "unimodality[deepspeed]", on a machine with CUDA)')
+    if missing:
+        _exit_with_error(
+            subcommand,
+            f"the DeepSpeed strategy ({name}, e.g. from configs/trainer/deepspeed.yaml) needs "
+            f"{' and '.join(missing)}. Without them, train with DDP instead: --config configs/trainer/ddp.yaml "
+            "(on CPU add --trainer.accelerator cpu --trainer.devices N), or drop the DeepSpeed config. To use "
+            "a DeepSpeed checkpoint elsewhere, see docs/clusters.md (consolidating it into one file).",
+        )
+
+
+def _exit_with_error(subcommand: str | None, message: str):
+    """A configuration error: one paragraph on stderr and exit status 2, as for a command-line error."""
+    command = f"unimodality {subcommand}" if subcommand else "unimodality"
+    print(f"{command}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def checkpoint_arguments(args: list[str]) -> list[str]:
     """For validate/test/predict with ``--ckpt_path``, prepend the model (and data) config it records.
 
@@ -126,9 +244,17 @@ def checkpoint_arguments(args: list[str]) -> list[str]:
     if not args or args[0] not in EVALUATION:
         return args
     ckpt_path = _option(args, "--ckpt_path")
+    if ckpt_path and resume.is_deepspeed_checkpoint(ckpt_path):
+        # a directory of ZeRO shards: consolidate it into one fp32 checkpoint file, and use that
+        try:
+            consolidated = str(resume.consolidated_checkpoint(ckpt_path))
+        except resume.DeepSpeedMissing as error:
+            _exit_with_error(args[0], str(error))
+        args = _replace_option(args, "--ckpt_path", consolidated)
+        ckpt_path = consolidated
     injected: list[str] = []
-    if ckpt_path and Path(ckpt_path).is_file():
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):  # Lightning's named checkpoints
+        checkpoint = read_checkpoint(ckpt_path)  # missing, corrupt, newer or unsafe files end here, clearly
         model = _as_config(checkpoint.get("hyper_parameters"))
         if model:
             injected.append(f"--model={json.dumps(model)}")
@@ -147,6 +273,16 @@ def _option(args: list[str], name: str) -> str | None:
         if arg.startswith(name + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def _replace_option(args: list[str], name: str, value: str) -> list[str]:
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == name and i + 1 < len(out):
+            out[i + 1] = value
+        elif arg.startswith(name + "="):
+            out[i] = f"{name}={value}"
+    return out
 
 
 def _as_config(hparams: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -178,7 +314,55 @@ def _example_data(args: list[str]) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``unimodality`` command."""
+    """Entry point of the ``unimodality`` command.
+
+    A user error (bad data, a bad checkpoint, an invalid setting, a diverged run) ends the command with one
+    message and exit status 1; a traceback is kept for bugs, or shown for every error with
+    ``UNIMODALITY_DEBUG=1``.
+    """
+    subcommand = (args if args is not None else sys.argv[1:])[:1]
+    try:
+        _main(args)
+    except Exception as error:
+        cause = _user_error_in(error)
+        if os.environ.get("UNIMODALITY_DEBUG") or cause is None:
+            raise
+        name = f"unimodality {subcommand[0]}" if subcommand else "unimodality"
+        print(f"{name}: error: {cause}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    finally:
+        # leave no process group for interpreter shutdown: gloo's threads can then abort the process
+        # ("terminate called without an active exception") after a distributed run
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _user_error_in(error: BaseException) -> BaseException | None:
+    """The user error behind ``error``: itself, or one it was raised from (jsonargparse, for one, reports a
+    class whose ``__init__`` refused a setting as "Does not validate against any of the Union subtypes")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if is_user_error(error):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether an exception reports a problem with the user's input rather than a bug: unimodality's own
+    data/checkpoint/divergence errors, a missing file, or a ``ValueError``/``TypeError`` that unimodality
+    code raised on purpose (a check of a setting), as opposed to one from deep inside a library."""
+    if isinstance(error, DataError | NonFiniteLossError | FileNotFoundError):
+        return True
+    if not isinstance(error, ValueError | TypeError):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    package = str(Path(__file__).resolve().parent)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(package)
+
+
+def _main(args: list[str] | None) -> None:
     from_command_line = args is None
     args = list(sys.argv[1:] if args is None else args)
     registry.load_plugins()
@@ -201,10 +385,6 @@ def main(args: list[str] | None = None) -> None:
         parser_kwargs={"description": DESCRIPTION, "formatter_class": _raw_formatter()},
         args=None if from_command_line else checkpoint_arguments(args),
     )
-    # leave no process group for interpreter shutdown: gloo's threads can then abort the process
-    # ("terminate called without an active exception") after a successful distributed run
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def _raw_formatter():

@@ -38,7 +38,10 @@ class RecordsInitArgs:
                 bound.apply_defaults()
                 arguments = dict(list(bound.arguments.items())[1:])
                 # jsonargparse's lazy_instance defaults are dynamic subclasses: record the real class
-                real = next(c for c in type(self).__mro__ if not c.__module__.startswith("jsonargparse"))
+                real = next(
+                    c for c in type(self).__mro__
+                    if not c.__module__.startswith("jsonargparse") and not c.__name__.startswith("LazyInstance_")
+                )
                 self.__dict__["_init_config"] = {"class_path": class_path(real), "init_args": arguments}
             init(self, *args, **kw)
 

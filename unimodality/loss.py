@@ -14,7 +14,8 @@ class ContrastiveLoss(RecordsInitArgs, nn.Module):
     ``forward(a, b, group)`` takes L2-normalised embeddings of the *global* batch (the setup gathers them
     across processes with gradients first), row ``i`` of ``a`` paired with row ``i`` of ``b``, and the
     integer perturbation id of each row. Rows sharing a group are positives of each other when
-    ``use_groups`` is on; off, only the diagonal is positive (the textbook loss).
+    ``use_groups`` is on; off, only the diagonal is positive (the textbook loss). Losses are computed in
+    fp32 even under mixed precision.
     """
 
     def __init__(self, use_groups: bool = True) -> None:
@@ -27,9 +28,19 @@ class ContrastiveLoss(RecordsInitArgs, nn.Module):
             return torch.eye(n, dtype=torch.bool, device=device)
         return group[:, None] == group[None, :]
 
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+        # losses in fp32 whatever the towers run in: under bf16/fp16 autocast the logits (scaled up to 100x)
+        # lose precision, and a loss computed in bf16 would come out in bf16
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            return super().__call__(_at_least_fp32(a), _at_least_fp32(b), group)
+
     def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def extra_metrics(self) -> dict[str, torch.Tensor]:
         """Scalars worth logging (temperatures in linear units, biases)."""
         return {}
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # float64 stays (reference tests)

@@ -1,9 +1,23 @@
-"""Writing embeddings to files scientists already use, and the callback that does it after predict."""
+"""Files scientists already use: embeddings (``.h5ad`` / parquet) written after predict, and the results
+table written after test.
+
+Predict under several processes: every process writes its rows to a shard next to the output, and the
+first process merges the shards in input order once all are written; the output file appears (by rename
+from a temporary name) only when it is complete.
+"""
 
 from __future__ import annotations
 
+import datetime
+import inspect
+import json
+import logging
+import math
 import os
+import re
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +26,34 @@ import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from unimodality.config import config_form
 from unimodality.datamodule import INDEX
-from unimodality.distributed import gather
+from unimodality.sources import DataError
+
+log = logging.getLogger(__name__)
 
 OBSM_KEY = "X_unimodality"
+#: key of the provenance record in an output AnnData's ``uns`` and in a parquet file's schema metadata
+RECORD_KEY = "unimodality"
 OUTPUT_SUFFIXES = (".h5ad", ".parquet")
 
 
-def check_output_path(output: str | Path) -> Path:
+def check_output_path(output: str | Path, overwrite: bool = True) -> Path:
+    """``output`` as a path, refused unless it ends in ``.h5ad`` or ``.parquet``, its folder exists and is
+    writable, and (without ``overwrite``) no file has that name yet: checked before any work is done."""
     output = Path(output)
     if output.suffix not in OUTPUT_SUFFIXES:
-        raise ValueError(f"output {output}: unsupported extension; use .h5ad or .parquet")
+        raise DataError(f"output {output}: unsupported extension; use .h5ad or .parquet")
+    if not output.parent.is_dir():
+        raise DataError(f"output {output}: the folder {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK):
+        raise DataError(f"output {output}: the folder {output.parent} is not writable")
+    if output.exists() and not overwrite:
+        raise DataError(f"output {output} already exists; pass --data.overwrite true to replace it")
     return output
 
 
-def _atomic_write(output: Path, write) -> None:
+def _atomic_write(output: Path, write: Callable[[Path], Any]) -> None:
     """Write through a temporary file in the same folder, renamed into place only once complete."""
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=output.suffix, dir=output.parent)
@@ -40,40 +67,160 @@ def _atomic_write(output: Path, write) -> None:
 
 
 def write_embeddings(
-    input_path: Path, metadata: pd.DataFrame, rows: np.ndarray, embedding: np.ndarray, output: Path
+    input_path: Path,
+    metadata: pd.DataFrame,
+    rows: np.ndarray,
+    embedding: np.ndarray,
+    output: Path,
+    record: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``embedding`` (one row per entry of ``rows`` of the input file).
 
     ``.h5ad``: a copy of the input AnnData (its rows ``rows``; obs, var and layers preserved) with
-    ``obsm["X_unimodality"]``; a table input becomes an AnnData with its metadata as ``obs``.
-    ``.parquet``: the metadata columns (plus ``obs_names`` for AnnData input) and one column per
-    embedding dimension, ``X_unimodality_0`` ...
+    ``obsm["X_unimodality"]`` (dense float32, aligned to ``obs_names``) and the provenance ``record`` in
+    ``uns["unimodality"]``; a table input becomes an AnnData with its metadata as ``obs``.
+    ``.parquet``: the metadata columns (key columns included; plus ``obs_names`` for AnnData input) and
+    one column per embedding dimension, ``X_unimodality_0`` ..., with the record as JSON in the file's
+    schema metadata (key ``unimodality``).
+
+    Args:
+        input_path: the file that was embedded.
+        metadata: its metadata (obs or table columns) of ``rows``, in that order.
+        rows: row numbers in the input file of the embedded rows.
+        embedding: ``(len(rows), d)`` embeddings.
+        output: ``.h5ad`` or ``.parquet`` path.
+        record: provenance (checkpoint, model config, date, version); see :func:`prediction_record`.
     """
     output = check_output_path(output)
+    embedding = np.ascontiguousarray(embedding, dtype=np.float32)
+    if len(embedding) != len(rows) or len(metadata) != len(rows):
+        raise ValueError(f"{len(rows)} rows, {len(embedding)} embeddings and {len(metadata)} metadata rows differ")
+    record = {**(record or {}), "input": str(input_path), "obsm_key": OBSM_KEY,
+              "n_obs": int(len(rows)), "embedding_dim": int(embedding.shape[1])}
     if output.suffix == ".h5ad":
         import anndata as ad
 
         if input_path.suffix == ".h5ad":
             adata = ad.read_h5ad(input_path)
-            adata = adata[rows].copy() if len(rows) != adata.n_obs else adata
+            adata = adata[rows].copy() if len(rows) != adata.n_obs or np.any(rows != np.arange(len(rows))) else adata
         else:
             adata = ad.AnnData(obs=metadata.reset_index(drop=True).set_axis(metadata.index.astype(str)))
         adata.obsm[OBSM_KEY] = embedding
+        adata.uns[RECORD_KEY] = {key: _h5ad_value(value) for key, value in record.items()}
         _atomic_write(output, adata.write_h5ad)
     else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         table = metadata.copy()
         if input_path.suffix == ".h5ad":
             table.insert(0, "obs_names", table.index.astype(str))
         table = table.reset_index(drop=True)
         columns = pd.DataFrame(embedding, columns=[f"{OBSM_KEY}_{i}" for i in range(embedding.shape[1])])
-        table = pd.concat([table, columns], axis=1)
-        _atomic_write(output, lambda tmp: table.to_parquet(tmp, index=False))
+        arrow = pa.Table.from_pandas(pd.concat([table, columns], axis=1), preserve_index=False)
+        arrow = arrow.replace_schema_metadata(
+            {**(arrow.schema.metadata or {}), RECORD_KEY.encode(): json.dumps(record, default=str).encode()}
+        )
+        _atomic_write(output, lambda tmp: pq.write_table(arrow, tmp))
     return output
 
 
+def _h5ad_value(value: Any) -> Any:
+    """A value h5ad can store in ``uns``: strings and numbers as they are, anything else as JSON text."""
+    if isinstance(value, str | bool | int | float | np.integer | np.floating):
+        return value
+    return json.dumps(value, default=str)
+
+
+def read_parquet_record(path: str | Path) -> dict[str, Any]:
+    """The provenance record of a parquet file written by ``unimodality predict`` (``{}`` if none)."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(RECORD_KEY.encode())
+    return json.loads(raw) if raw else {}
+
+
+def prediction_record(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    """Where embeddings come from: checkpoint path, model config (JSON), date (UTC), unimodality version.
+
+    Args:
+        trainer: the trainer that ran predict (its ``ckpt_path``).
+        pl_module: the model (its config-form hyperparameters).
+    """
+    from unimodality import __version__
+
+    try:
+        model = config_form(dict(pl_module.hparams))
+    except TypeError:  # a model whose hyperparameters hold objects: record what can be written
+        model = {key: repr(value) for key, value in pl_module.hparams.items()}
+    if isinstance(model, dict) and "_class_path" in model:  # the form a checkpoint stores: as a config
+        model = {"class_path": model["_class_path"],
+                 "init_args": {k: v for k, v in model.items() if not k.startswith("_")}}
+    model = _without_schema(model)
+    return {
+        "checkpoint": str(Path(trainer.ckpt_path).resolve()) if trainer.ckpt_path else "",
+        "model_config": json.dumps(model, default=str),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "unimodality_version": __version__,
+    }
+
+
+def _without_schema(model: Any) -> Any:
+    """The model config without its schema (every feature name: thousands of genes), kept short."""
+    if isinstance(model, dict):
+        return {key: _without_schema(value) for key, value in model.items() if key != "schema"}
+    return model
+
+
+# -- predict: per-process shards merged in input order -------------------------------------------------------
+def write_shard(folder: Path, rank: int, index: np.ndarray, embedding: np.ndarray) -> Path:
+    """Write one process's rows (``index``: row numbers in the input) and embeddings into ``folder``."""
+    path = folder / f"rank{rank:05d}.npz"
+    _atomic_write(path, lambda tmp: np.savez(tmp, index=index, embedding=embedding))  # tmp ends in .npz
+    return path
+
+
+def merge_shards(folder: Path, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of every process's shard in input order, each row once.
+
+    A distributed sampler pads the processes' shares to equal length by repeating rows: repeats are
+    dropped (the first copy is kept).
+
+    Args:
+        folder: where :func:`write_shard` wrote the shards.
+        world_size: number of processes; a missing shard is an error.
+    """
+    paths = [folder / f"rank{rank:05d}.npz" for rank in range(world_size)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"prediction shards {missing} are missing in {folder}: a process failed; nothing written")
+    indices, embeddings = [], []
+    for path in paths:
+        with np.load(path) as shard:
+            if len(shard["index"]):
+                indices.append(shard["index"])
+                embeddings.append(shard["embedding"])
+    if not indices:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    return unique_in_order(np.concatenate(indices), np.concatenate(embeddings))
+
+
+def unique_in_order(index: np.ndarray, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique ``index`` values with the embedding of each one's first occurrence."""
+    unique, first = np.unique(index, return_index=True)
+    return unique, embedding[first]
+
+
 class EmbeddingWriter(Callback):
-    """Collects ``predict_step`` outputs (``index`` + ``embedding``) and hands them, gathered from every
-    process and in input order, to the datamodule's ``write_predictions``."""
+    """Collects ``predict_step`` outputs (``index`` + ``embedding``) and hands them, from every process and
+    in input order, to the datamodule's ``write_predictions``.
+
+    With one process the rows go straight to the writer. With several, each process writes a shard
+    (``.<output name>.shards-*/rank<r>.npz`` next to the output: the folder must be shared by every
+    node), all wait for each other, and the first process merges the shards, writes the output and
+    removes them.
+    """
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._index: list[torch.Tensor] = []
@@ -84,18 +231,145 @@ class EmbeddingWriter(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if isinstance(outputs, dict) and INDEX in outputs:
-            self._index.append(outputs[INDEX].detach())
-            self._embedding.append(outputs["embedding"].detach().float())
+            self._index.append(outputs[INDEX].detach().cpu())
+            self._embedding.append(outputs["embedding"].detach().float().cpu())
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         write = getattr(trainer.datamodule, "write_predictions", None)
-        if write is None or not self._index:
+        if write is None:  # the same on every process: no collective call is skipped by one alone
             return
-        index, embedding = torch.cat(self._index), torch.cat(self._embedding)
-        # every process's rows; the distributed sampler pads ranks with repeats, dropped below
-        index, embedding = gather(index), gather(embedding)
-        if trainer.is_global_zero:
-            index = index.cpu().numpy()
-            unique, first = np.unique(index, return_index=True)
-            write(unique, embedding.cpu().numpy()[first])
+        index = torch.cat(self._index).numpy() if self._index else np.zeros(0, dtype=np.int64)
+        embedding = torch.cat(self._embedding).numpy() if self._embedding else np.zeros((0, 0), dtype=np.float32)
         self._index, self._embedding = [], []
+        record = prediction_record(trainer, pl_module)
+        if trainer.world_size > 1:
+            rows, embedding = self._merge_through_shards(trainer, index, embedding)
+        else:
+            rows, embedding = unique_in_order(index, embedding)
+        if trainer.is_global_zero and len(rows):
+            kwargs = {"record": record} if "record" in inspect.signature(write).parameters else {}
+            write(rows, embedding, **kwargs)
+
+    @staticmethod
+    def _merge_through_shards(
+        trainer: Trainer, index: np.ndarray, embedding: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        output = getattr(trainer.datamodule, "output", None)
+        parent = Path(output).parent if output is not None else Path.cwd()
+        folder = None
+        if trainer.is_global_zero:
+            parent.mkdir(parents=True, exist_ok=True)
+            name = Path(output).name if output is not None else "predictions"
+            folder = tempfile.mkdtemp(prefix=f".{name}.shards-", dir=parent)
+        folder = Path(trainer.strategy.broadcast(folder, src=0))
+        write_shard(folder, trainer.global_rank, index, embedding)
+        trainer.strategy.barrier("unimodality-prediction-shards")
+        if not trainer.is_global_zero:
+            return np.zeros(0, dtype=np.int64), embedding[:0]
+        try:
+            return merge_shards(folder, trainer.world_size)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- test: the results table ---------------------------------------------------------------------------------
+def run_directory(trainer: Trainer, prefer_checkpoint: bool = True) -> Path | None:
+    """Where a run's files go: the run directory of the checkpoint being evaluated (``RUN/checkpoints/X.ckpt``
+    -> ``RUN``, when writable) or the logger's directory; ``None`` when there is neither.
+
+    Calls ``trainer.log_dir``, a collective call under DDP: call it on every process.
+
+    Args:
+        trainer: the trainer (its ``ckpt_path`` and loggers).
+        prefer_checkpoint: the checkpoint's run directory first (evaluation); else the logger's (training).
+    """
+    log_dir = Path(trainer.log_dir) if trainer.log_dir is not None else None
+    ckpt_path = getattr(trainer, "ckpt_path", None)
+    checkpoint_run = None
+    if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
+        folder = Path(ckpt_path).resolve().parent.parent
+        checkpoint_run = folder if os.access(folder, os.W_OK) else None
+    first, second = (checkpoint_run, log_dir) if prefer_checkpoint else (log_dir, checkpoint_run)
+    return first or second
+
+
+_LEVELS = {"pert": "perturbation", "map": "replicate"}
+
+
+def results_table(metrics: dict[str, float], stage: str = "test") -> pd.DataFrame:
+    """One row per metric, with its chance level beside it where there is one.
+
+    Columns: ``level`` (``row``: every evaluation row queries the other modality; ``perturbation``:
+    replicates averaged; ``replicate``: within-modality replicate retrieval; empty for the loss),
+    ``metric`` (``recall@k``, ``mrr``, ``map``, ``loss``), ``target`` (``a->b``, a modality, or ``mean``),
+    ``value``, ``chance`` (a random ranking's expected value) and ``n`` (perturbations evaluated).
+
+    Args:
+        metrics: logged values, e.g. ``{"test/pert/recall@1/tx->ph": 0.4, "test/pert/chance@1": 0.025}``.
+        stage: the prefix to read (``test`` or ``val``).
+    """
+    prefix = f"{stage}/"
+    ours = {key[len(prefix):]: float(value) for key, value in metrics.items() if key.startswith(prefix)}
+    rows = []
+    for name, value in ours.items():
+        parts = name.split("/")
+        if parts[0] == "pert" and len(parts) > 1 and parts[1].startswith(("chance", "count")):
+            continue  # shown beside the values they are the chance of
+        if parts[0] == "map" and len(parts) > 1 and parts[1] == "chance":
+            continue
+        level, parts = (_LEVELS[parts[0]], parts[1:]) if parts[0] in _LEVELS and len(parts) > 1 else ("", parts)
+        if level == "replicate":
+            metric, target = "map", parts[0]
+        else:
+            metric, target = parts[0], "/".join(parts[1:]) or "mean"
+            if level == "" and re.fullmatch(r"recall@\d+", metric):
+                level = "row"
+        chance, n = math.nan, math.nan
+        if level == "perturbation":
+            chance_key = "pert/chance_mrr" if metric == "mrr" else f"pert/chance@{metric.split('@')[-1]}"
+            chance = ours.get(chance_key, math.nan)
+            n = ours.get("pert/count", math.nan)
+        elif level == "replicate":
+            chance = ours.get(f"map/chance/{target}", math.nan)
+        rows.append({"level": level, "metric": metric, "target": target, "value": value, "chance": chance, "n": n})
+    table = pd.DataFrame(rows, columns=["level", "metric", "target", "value", "chance", "n"])
+    # perturbation level first; recall@k by k, then mrr, map, loss; the mean after the directions
+    levels = {"perturbation": 0, "replicate": 1, "row": 2, "": 3}
+    metric_rank = table["metric"].map(lambda m: int(m.split("@")[1]) if re.fullmatch(r"recall@\d+", m)
+                                      else {"mrr": 10**6, "map": 10**6 + 1}.get(m, 10**7))
+    keys = pd.DataFrame({"level": table["level"].map(levels), "metric": metric_rank,
+                         "mean": table["target"] == "mean", "target": table["target"]})
+    return table.loc[keys.sort_values(list(keys.columns), kind="stable").index].reset_index(drop=True)
+
+
+class ResultsWriter(Callback):
+    """After ``test``: the results table (:func:`results_table`) as CSV and JSON in the run directory
+    (:func:`run_directory`): ``test_results.csv`` / ``.json``, or ``test_results_<checkpoint name>.*`` when
+    testing a checkpoint (so testing ``best`` and ``last`` keeps both)."""
+
+    def __init__(self) -> None:
+        self.written: list[Path] = []
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        folder = run_directory(trainer)  # collective: every process takes part
+        if not trainer.is_global_zero or folder is None:
+            return
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("test/")}
+        if not metrics:
+            return
+        stem = "test_results" + (f"_{Path(trainer.ckpt_path).stem}" if trainer.ckpt_path else "")
+        table = results_table(metrics, "test")
+        from unimodality import __version__
+
+        document = {
+            "checkpoint": str(Path(trainer.ckpt_path).resolve()) if trainer.ckpt_path else None,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "unimodality_version": __version__,
+            "metrics": metrics,
+            "table": json.loads(table.to_json(orient="records")),  # NaN -> null
+        }
+        csv, js = folder / f"{stem}.csv", folder / f"{stem}.json"
+        _atomic_write(csv, lambda tmp: table.to_csv(tmp, index=False))
+        _atomic_write(js, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+        self.written = [csv, js]
+        print(f"\nTest results written to {csv} and {js.name}", flush=True)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from unimodality.datamodule import INDEX, DataModule, collate_batch, take_rows
+from unimodality.datamodule import INDEX, DataModule, check_sizes, collate_batch, take_rows
 from unimodality.example_data import resolve_path
 from unimodality.outputs import check_output_path, write_embeddings
 from unimodality.sources import Matrix, ModalitySource, source_for
@@ -51,6 +51,7 @@ class EmbedDataModule(DataModule):
             ``obsm["X_unimodality"]``) or ``.parquet`` (metadata + embedding columns). Default:
             ``<input name>_embeddings.h5ad|.parquet`` in the working directory.
         n_samples: embed only the first ``n_samples`` rows (a quick look at a large file).
+        overwrite: replace ``output`` if it exists (by default an existing file is an error, left untouched).
         source_options: settings of the modality's source that replace those recorded in the checkpoint,
             for a file laid out differently, e.g. ``{"smiles_column": "canonical_smiles", "invalid": "drop"}``
             or ``{"key_columns": null}``. Settings that change the features (transforms) are best left alone.
@@ -65,13 +66,13 @@ class EmbedDataModule(DataModule):
         output: str | None = None,
         n_samples: int | None = None,
         source_options: dict[str, Any] | None = None,
+        overwrite: bool = False,
         batch_size: int = 512,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if n_samples is not None and n_samples < 1:
-            raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+        check_sizes("EmbedDataModule", n_samples=n_samples, batch_size=batch_size)
         self.path = path
         self.modality = modality
         self.n_samples = n_samples
@@ -83,7 +84,7 @@ class EmbedDataModule(DataModule):
             suffix = ".h5ad" if file.name.endswith(".h5ad") else ".parquet"
             stem = file.name.split(".")[0]
             output = str(Path.cwd() / f"{stem}_embeddings{suffix}")
-        self.output = check_output_path(output)
+        self.output = check_output_path(output, overwrite=overwrite)
         self.written: Path | None = None
         self.dataset: EmbedDataset | None = None
         self.source: ModalitySource | None = None
@@ -130,7 +131,7 @@ class EmbedDataModule(DataModule):
         usable = self.source.usable_rows()  # rows a source cannot use (and was told to drop) get no embedding
         rows = np.arange(n_rows) if usable is None else np.flatnonzero(usable)
         rows = rows[:self.n_samples]
-        features = self.source.read_features(rows, align_to=entry["features"])
+        features = self.source.read_features(rows, align_to=entry["features"], empty_rows="warn")
         self.dataset = EmbedDataset(name, features, rows)
         log.info("embedding %d of %d rows of %s with the %r tower", len(rows), n_rows, self.path, name)
 
@@ -139,12 +140,24 @@ class EmbedDataModule(DataModule):
             self.dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_batch
         )
 
-    def write_predictions(self, rows: np.ndarray, embedding: np.ndarray) -> None:
-        """Write the embeddings of ``rows`` (called by :class:`~unimodality.outputs.EmbeddingWriter`)."""
-        if len(rows) != len(self.dataset):
-            raise RuntimeError(f"got embeddings for {len(rows)} of {len(self.dataset)} rows; nothing written")
+    def write_predictions(
+        self, rows: np.ndarray, embedding: np.ndarray, record: dict[str, Any] | None = None
+    ) -> None:
+        """Write the embeddings of ``rows`` (called by :class:`~unimodality.outputs.EmbeddingWriter`).
+
+        Args:
+            rows: row numbers in the input file, ascending, each once.
+            embedding: ``(len(rows), d)`` embeddings.
+            record: provenance written with them (checkpoint, model config, date, version).
+        """
+        if len(rows) != len(self.dataset) or not np.array_equal(rows, np.sort(self.dataset.rows)):
+            raise RuntimeError(
+                f"got embeddings for {len(rows)} of the {len(self.dataset)} rows to embed (or other rows); "
+                "nothing written"
+            )
         metadata = self.source.read_metadata().iloc[rows]
-        self.written = write_embeddings(self.source.file, metadata, rows, embedding, self.output)
+        record = {**(record or {}), "modality": self.dataset.modality}
+        self.written = write_embeddings(self.source.file, metadata, rows, embedding, self.output, record)
 
     def teardown(self, stage: str) -> None:
         if self.source is not None:

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from unimodality.datamodule import GROUP, SplitDataModule, check_sizes, take_rows
+from unimodality.datamodule import GROUP, INDEX, SplitDataModule, check_sizes, take_rows
 from unimodality.sources import DataError, Matrix, ModalitySource
 from unimodality.streaming import Partner, StreamingDataset, open_store
 
@@ -81,6 +81,8 @@ class PairedDataset(Dataset):
             rows = {name: r[indices] for name, r in self._pair_rows.items()}
         batch = {name: take_rows(self.features[name], rows[name]) for name in self.members}
         batch[GROUP] = torch.from_numpy(self.groups[keys])
+        if not self.random:  # evaluation: lets metrics drop rows a distributed sampler repeats as padding
+            batch[INDEX] = torch.from_numpy(indices)
         return batch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from unimodality.datamodule import GROUP, INDEX
 from unimodality.distributed import gather, gather_with_grad
 from unimodality.encoder import Encoder
 from unimodality.loss import ContrastiveLoss
-from unimodality.metrics import CrossModalRecall
+from unimodality.metrics import EmbeddingCollector, perturbation_retrieval, replicate_map, row_recall, unique_rows
 from unimodality.plugins.losses.clip import ClipLoss
 from unimodality.setup import Setup
 from unimodality.tower import Tower, TowerMode
@@ -36,7 +36,7 @@ class CrossModalSetup(Setup):
         weights_prefix: key prefix to select and strip in that file, per modality.
         pair_weights: weight of each modality pair's loss, keyed ``"a-b"`` (e.g. ``{"tx-mol": 2.0}``);
             unnamed pairs weigh 1. The loss is the weighted mean over pairs.
-        retrieval_k: the ``k`` of the validation recall@k metrics.
+        retrieval_k: the ``k`` of the evaluation recall@k metrics (row and perturbation level).
         schema: filled in from the data at the start of training; leave unset.
         **kwargs: optimizer and learning-rate scheduler, see :class:`unimodality.setup.Setup`.
     """
@@ -56,8 +56,10 @@ class CrossModalSetup(Setup):
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
+        if embed_dim < 1:
+            raise ValueError(f"CrossModalSetup: embed_dim must be at least 1, got {embed_dim}")
         self.encoders = dict(encoders or {})
-        self.loss = loss
+        self.loss = self.own_default("loss", loss)
         self.embed_dim = embed_dim
         self.modes = dict(modes or {})
         self.weights = dict(weights or {})
@@ -66,6 +68,8 @@ class CrossModalSetup(Setup):
         self.retrieval_k = tuple(retrieval_k)
         self.towers = nn.ModuleDict()
         self.retrieval = nn.ModuleDict()
+        #: rows of the last evaluation epoch, for plots: ``{"stage": ..., "embeddings": {modality: (emb, group)}}``
+        self.last_evaluation: dict[str, Any] | None = None
         self.pairs: list[tuple[str, str]] = []
         if schema is not None:
             self.build(schema)
@@ -108,7 +112,8 @@ class CrossModalSetup(Setup):
         weights = {names[key]: float(w) for key, w in self.pair_weights.items()}
         self.register_buffer("_pair_weights", torch.tensor([weights.get(p, 1.0) for p in self.pairs]),
                              persistent=False)
-        self.retrieval = nn.ModuleDict({f"{a}->{b}": CrossModalRecall(self.retrieval_k) for a, b in self.pairs})
+        # one collector per modality: every metric is computed from the gathered rows at the epoch's end
+        self.retrieval = nn.ModuleDict({name: EmbeddingCollector() for name in schema})
         self.remember_schema(schema)
 
     # -- steps -------------------------------------------------------------------------------------------
@@ -121,6 +126,8 @@ class CrossModalSetup(Setup):
 
     def _loss(self, embeddings: dict[str, torch.Tensor], group: torch.Tensor) -> torch.Tensor:
         losses = torch.stack([self.loss(embeddings[a], embeddings[b], group) for a, b in self.pairs])
+        if self.training:
+            self.loss_terms = {f"{a}-{b}": value.detach() for (a, b), value in zip(self.pairs, losses)}
         return (losses * self._pair_weights).sum() / self._pair_weights.sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -150,21 +157,65 @@ class CrossModalSetup(Setup):
         group = batch[GROUP]
         loss = self._loss(embeddings, group)
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(group))
-        for a, b in self.pairs:
-            self.retrieval[f"{a}->{b}"].update(embeddings[a], embeddings[b], group)
+        index = batch.get(INDEX)  # lets the collectors drop the distributed sampler's padding repeats
+        for name, embedding in embeddings.items():
+            self.retrieval[name].update(embedding, group, index)
         return loss
 
+    def evaluation_metrics(self) -> dict[str, torch.Tensor]:
+        """Every retrieval metric of the evaluation rows collected so far (names without the stage prefix).
+
+        ``recall@k/{a}->{b}`` and their mean ``recall@k`` (row level: every evaluation pair's embedding
+        queries all of the other modality); ``pert/recall@k/{a}->{b}``, ``pert/mrr/{a}->{b}``, their means
+        ``pert/recall@k`` and ``pert/mrr``, and the chance levels ``pert/chance@k``, ``pert/chance_mrr``
+        with the number of perturbations ``pert/count`` (perturbation level: replicates averaged);
+        ``map/{modality}`` and ``map/chance/{modality}`` (replicate retrieval within a modality, when some
+        perturbation has two distinct replicates).
+        """
+        rows = {name: metric.compute() for name, metric in self.retrieval.items()}
+        distinct = {name: unique_rows(e, g) for name, (e, g) in rows.items() if len(g)}
+        self.last_evaluation = {"embeddings": {n: (e.cpu(), g.cpu()) for n, (e, g) in distinct.items()}}
+        out: dict[str, torch.Tensor] = {}
+        row_values: dict[int, list[torch.Tensor]] = {k: [] for k in self.retrieval_k}
+        pert_values: dict[str, list[torch.Tensor]] = {}
+        for a, b in self.pairs:
+            if a not in distinct or b not in distinct:
+                continue
+            (ea, ga), (eb, gb) = rows[a], rows[b]
+            forward = row_recall(ea, eb, ga, gb, self.retrieval_k)
+            backward = row_recall(eb, ea, gb, ga, self.retrieval_k)
+            for i, k in enumerate(self.retrieval_k):
+                out[f"recall@{k}/{a}->{b}"], out[f"recall@{k}/{b}->{a}"] = forward[i], backward[i]
+                row_values[k] += [forward[i], backward[i]]
+            pert = perturbation_retrieval(*distinct[a], *distinct[b], self.retrieval_k)
+            for name in [f"recall@{k}" for k in self.retrieval_k] + ["mrr"]:
+                if f"{name}/forward" in pert:
+                    out[f"pert/{name}/{a}->{b}"] = pert[f"{name}/forward"]
+                    out[f"pert/{name}/{b}->{a}"] = pert[f"{name}/backward"]
+                    pert_values.setdefault(name, []).extend([pert[f"{name}/forward"], pert[f"{name}/backward"]])
+            # every pair evaluates the perturbations present in all modalities: one chance level for all
+            out |= {f"pert/{key}": value for key, value in pert.items() if key.startswith(("chance", "count"))}
+        for k, values in row_values.items():
+            if values:
+                out[f"recall@{k}"] = torch.stack(values).mean()
+        for name, values in pert_values.items():
+            out[f"pert/{name}"] = torch.stack(values).mean()
+        for name, (e, g) in distinct.items():
+            average_precision = replicate_map(e, g)
+            if average_precision:
+                out[f"map/{name}"] = average_precision["map"]
+                out[f"map/chance/{name}"] = average_precision["chance"]
+        return out
+
     def _log_retrieval(self, stage: str) -> None:
-        for k in self.retrieval_k:
-            values = []
-            for (a, b), metric in zip(self.pairs, self.retrieval.values()):
-                result = metric.compute()
-                values += [result[f"recall@{k}/forward"], result[f"recall@{k}/backward"]]
-                self.log(f"{stage}/recall@{k}/{a}->{b}", values[-2])
-                self.log(f"{stage}/recall@{k}/{b}->{a}", values[-1])
-            self.log(f"{stage}/recall@{k}", torch.stack(values).mean(), prog_bar=k == 1)
+        metrics = self.evaluation_metrics()
         for metric in self.retrieval.values():
             metric.reset()
+        if self.last_evaluation is not None:
+            self.last_evaluation["stage"] = stage
+        for name, value in metrics.items():
+            # every process computed the same values from the gathered rows: no further reduction
+            self.log(f"{stage}/{name}", value.float(), prog_bar=name == "recall@1")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._evaluation_step(batch, "val")
