@@ -134,7 +134,8 @@ def test_missing_key_column(data):
 
 
 def test_missing_feature_columns(data):
-    source = {"class_path": "TableSource", "init_args": {"path": str(data["ph"]), "features": ["feat_000", "feat_999"]}}
+    source = {"class_path": "TableSource",
+              "init_args": {"path": str(data["ph"]), "features": ["feat_000", "feat_999"], "feature_prefix": None}}
     assert_user_error(fit(data, "--data.modalities.ph", json.dumps(source)), r"ph\.parquet", r"feat_999",
                       folder=data["dir"])
 
@@ -238,8 +239,8 @@ def test_checkpoint_of_another_setup_class(data, checkpoint):
 
     with pytest.raises(TypeError, match=r"last\.ckpt.*CrossModalSetup.*not a SimCLRSetup"):
         SimCLRSetup.load_from_checkpoint(checkpoint)
-    assert_user_error(predict(checkpoint, data["tx"], "--model", "SimCLRSetup"), r"CrossModalSetup",
-                      r"SimCLRSetup")
+    assert_user_error(predict(checkpoint, data["tx"], "--model", "SimCLRSetup"), r"last\.ckpt", r"CrossModalSetup",
+                      r"not a SimCLRSetup")
 
 
 def test_checkpoint_with_a_pickled_object_is_refused(tmp_path, data, checkpoint):

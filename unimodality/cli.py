@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from unimodality import registry, resume
-from unimodality.checkpoint import AtomicCheckpointIO, read_checkpoint
+from unimodality.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from unimodality.datamodule import DataModule
 from unimodality.outputs import EmbeddingWriter, ResultsWriter
 from unimodality.plots import PlotCallback
@@ -255,6 +255,7 @@ def checkpoint_arguments(args: list[str]) -> list[str]:
     injected: list[str] = []
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):  # Lightning's named checkpoints
         checkpoint = read_checkpoint(ckpt_path)  # missing, corrupt, newer or unsafe files end here, clearly
+        _check_model_option(args, checkpoint, ckpt_path)
         model = _as_config(checkpoint.get("hyper_parameters"))
         if model:
             injected.append(f"--model={json.dumps(model)}")
@@ -264,6 +265,35 @@ def checkpoint_arguments(args: list[str]) -> list[str]:
     if args[0] == "predict":
         injected.append("--data=EmbedDataModule")
     return [args[0], *injected, *args[1:]]
+
+
+def _check_model_option(args: list[str], checkpoint: dict[str, Any], ckpt_path: str) -> None:
+    """``--model NAME`` naming a class other than the checkpoint's is refused before anything is built."""
+    asked = _option(args, "--model")
+    saved = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if not asked or not saved or asked.lstrip().startswith(("{", "[")) or asked.endswith((".yaml", ".yml", ".json")):
+        return
+    if asked not in (saved, saved.rsplit(".", 1)[-1]):
+        name = saved.rsplit(".", 1)[-1]
+        raise CheckpointError(
+            f"{ckpt_path}: holds a {name} ({saved}), not a {asked} (--model {asked}); drop --model to use the "
+            "checkpoint's own class"
+        )
+
+
+def _check_config_files(args: list[str]) -> None:
+    """Each ``--config`` file must be valid YAML: say which file and where, before jsonargparse parses it."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if value is None or not Path(value).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(value).read_text())
+        except yaml.YAMLError as error:
+            raise DataError(f"{value}: not valid YAML: {error}") from None
 
 
 def _option(args: list[str], name: str) -> str | None:
@@ -370,6 +400,7 @@ def _main(args: list[str] | None) -> None:
         return _print_plugins()
     if args[:1] == ["example-data"]:
         return _example_data(args[1:])
+    _check_config_files(args)
     if from_command_line:
         # rewritten in place: DDP launches its worker processes with this same command line
         sys.argv[1:] = checkpoint_arguments(args)
