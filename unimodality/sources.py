@@ -284,10 +284,15 @@ class AnnDataSource(ModalitySource):
         self.layer = layer
         self.obsm = obsm
 
+    @property
+    def element_key(self) -> str:
+        """Where the matrix lives in the file: ``X``, ``layers/<layer>`` or ``obsm/<key>``."""
+        if self.layer is not None:
+            return f"layers/{self.layer}"
+        return "X" if self.obsm is None else f"obsm/{self.obsm}"
+
     def _element(self, f: h5py.File) -> h5py.Dataset | h5py.Group:
-        key = "X" if self.layer is None and self.obsm is None else (
-            f"layers/{self.layer}" if self.layer is not None else f"obsm/{self.obsm}"
-        )
+        key = self.element_key
         if key not in f:
             if key == "X":
                 layers = sorted(f["layers"]) if "layers" in f else []
@@ -344,10 +349,20 @@ class AnnDataSource(ModalitySource):
                     matrix = matrix if rows is None else matrix[rows]
                 else:
                     matrix = _take_sorted(lambda r: data[r], rows, sparse=True)
-                return sp.csr_matrix(matrix, dtype=np.float32)
+                return compact_indices(sp.csr_matrix(matrix, dtype=np.float32))
             if rows is None:
                 return np.asarray(element[()], dtype=np.float32)
             return np.asarray(_take_sorted(lambda r: element[r], rows, sparse=False), dtype=np.float32)
+
+
+def compact_indices(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """32-bit row pointers and column indices where they fit. ``.h5ad`` files often store 64-bit row pointers
+    beside 32-bit indices; scipy then converts the whole index array to 64 bits on every row selection (a
+    copy of the matrix's indices per batch: 0.4 s for a 2 GB matrix)."""
+    if matrix.nnz < 2**31 and max(matrix.shape) < 2**31:
+        matrix.indptr = matrix.indptr.astype(np.int32, copy=False)
+        matrix.indices = matrix.indices.astype(np.int32, copy=False)
+    return matrix
 
 
 def _take_sorted(read, rows: np.ndarray, sparse: bool) -> Matrix:

@@ -274,11 +274,9 @@ def open_store(source: ModalitySource, cache_dir: str | Path | None = None) -> R
         raise DataError(f"{source.file}: streaming reads feature vectors; {type(source).__name__} gives "
                         f"{source.input_kind} (keep it in memory)")
     if isinstance(source, AnnDataSource):
-        key = "X" if source.layer is None and source.obsm is None else (
-            f"layers/{source.layer}" if source.layer is not None else f"obsm/{source.obsm}")
         with h5py.File(source.file, "r") as f:
             source._element(f)  # a missing layer gets the source's own message
-        return H5Store(source.file, key)
+        return H5Store(source.file, source.element_key)
     return NpyStore(table_cache(source, cache_dir))
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from unimodality.augmentation import Augmentation
+from unimodality.plugins.augmentations.vectors import GaussianNoise
 
 
 class ImageAugmentation(Augmentation):
@@ -148,7 +149,7 @@ class IntensityJitter(ImageAugmentation):
         return _where(selected, (x - mean) * contrast + mean + shift, x)
 
 
-class ImageNoise(ImageAugmentation):
+class ImageNoise(GaussianNoise):
     """Add independent Gaussian noise to every pixel: ``x + std * N(0, 1)`` (camera noise).
 
     Args:
@@ -156,11 +157,5 @@ class ImageNoise(ImageAugmentation):
         p: probability that a sample gets noise.
     """
 
-    def __init__(self, std: float = 0.1, p: float = 1.0) -> None:
-        super().__init__(p=p)
-        if std < 0:
-            raise ValueError(f"ImageNoise: std must be >= 0, got {std}")
-        self.std = std
-
-    def transform(self, x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-        return x + torch.randn_like(x) * self.std * selected[:, None, None, None].to(x.dtype)
+    ndim = ImageAugmentation.ndim
+    input_shape = ImageAugmentation.input_shape

@@ -28,7 +28,7 @@ class GaussianNoise(Augmentation):
 
     def transform(self, x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         noise = torch.randn_like(x) * self.std
-        return x + noise * selected[:, None].to(x.dtype)
+        return x + noise * selected.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)  # vectors or images
 
 
 class FeatureMask(Augmentation):
