@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 from contextlib import redirect_stderr, redirect_stdout
@@ -21,6 +20,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+import yaml
 
 from unimodality.cli import main
 from unimodality.example_data import resolve_path
@@ -134,10 +134,14 @@ def test_missing_key_column(data):
 
 
 def test_missing_feature_columns(data):
-    source = {"class_path": "TableSource",
-              "init_args": {"path": str(data["ph"]), "features": ["feat_000", "feat_999"], "feature_prefix": None}}
-    assert_user_error(fit(data, "--data.modalities.ph", json.dumps(source)), r"ph\.parquet", r"feat_999",
-                      folder=data["dir"])
+    # a config of its own (an override would merge with clip.yaml's feature_prefix)
+    config = yaml.safe_load((CONFIGS / "clip.yaml").read_text())
+    config["data"]["init_args"]["modalities"]["ph"]["init_args"] = {
+        "path": str(data["ph"]), "features": ["feat_000", "feat_999"]}
+    config["data"]["init_args"]["modalities"]["tx"]["init_args"]["path"] = str(data["tx"])
+    (data["dir"].parent / "features.yaml").write_text(yaml.safe_dump(config))
+    assert_user_error(["fit", "--config", str(data["dir"].parent / "features.yaml"), *QUICK], r"ph\.parquet",
+                      r"feat_999", folder=data["dir"])
 
 
 def test_non_numeric_features(data):
