@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from contextlib import redirect_stdout
 from functools import partial
 from pathlib import Path
 
@@ -264,3 +266,39 @@ def test_streaming_memory_stays_within_two_buffers(tmp_path):
     assert streamed["base"] - streamed["start"] < streamed["buffer"], streamed  # setup reads no features
     assert streamed["peak"] - streamed["base"] <= 2 * streamed["buffer"], streamed
     assert loaded["peak"] - loaded["start"] >= 160e6  # the contrast: the in-memory path holds the file
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(tmp_path_factory) -> Path:
+    from unimodality.cli import main
+
+    root = tmp_path_factory.mktemp("streaming-predict")
+    with redirect_stdout(io.StringIO()):
+        main(["fit", "--config", str(ROOT / "configs" / "clip.yaml"), "--trainer.max_epochs", "1",
+              "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(root)])
+    return next(root.rglob("last.ckpt"))
+
+
+@pytest.mark.parametrize("file, suffix", [("example://transcriptomics.h5ad", ".h5ad"),
+                                          ("example://transcriptomics.h5ad", ".parquet"),
+                                          ("example://phenomics.parquet", ".parquet")])
+def test_streaming_predict_writes_what_in_memory_predict_writes(clip_checkpoint, tmp_path, file, suffix):
+    from unimodality.cli import main
+    from unimodality.outputs import OBSM_KEY
+
+    outputs = {}
+    for streaming in ("false", "true"):
+        outputs[streaming] = tmp_path / f"{streaming}{suffix}"
+        with redirect_stdout(io.StringIO()):
+            main(["predict", "--ckpt_path", str(clip_checkpoint), "--data.path", file, "--data.output",
+                  str(outputs[streaming]), "--data.streaming", streaming, "--data.batch_size", "100",
+                  "--data.cache_dir", str(tmp_path / "cache"), "--trainer.enable_progress_bar", "false"])
+    if suffix == ".h5ad":
+        memory, streamed = (ad.read_h5ad(outputs[s]) for s in ("false", "true"))
+        np.testing.assert_allclose(streamed.obsm[OBSM_KEY], memory.obsm[OBSM_KEY], atol=1e-6)
+        assert list(streamed.obs_names) == list(memory.obs_names)
+        assert (streamed.X != memory.X).nnz == 0  # the copy keeps the counts as they were
+        assert streamed.uns["unimodality"]["modality"] == "tx"
+    else:
+        memory, streamed = (pd.read_parquet(outputs[s]) for s in ("false", "true"))
+        pd.testing.assert_frame_equal(streamed, memory, atol=1e-6)

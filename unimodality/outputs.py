@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -73,8 +74,12 @@ def write_embeddings(
     embedding: np.ndarray,
     output: Path,
     record: dict[str, Any] | None = None,
+    copy_input: bool = False,
 ) -> Path:
     """Write ``embedding`` (one row per entry of ``rows`` of the input file).
+
+    With ``copy_input`` and every row of an ``.h5ad`` input embedded, the ``.h5ad`` output is a file copy
+    of the input with the embedding added (the matrix never in memory); otherwise it is rebuilt in memory.
 
     ``.h5ad``: a copy of the input AnnData (its rows ``rows``; obs, var and layers preserved) with
     ``obsm["X_unimodality"]`` (dense float32, aligned to ``obs_names``) and the provenance ``record`` in
@@ -97,7 +102,10 @@ def write_embeddings(
         raise ValueError(f"{len(rows)} rows, {len(embedding)} embeddings and {len(metadata)} metadata rows differ")
     record = {**(record or {}), "input": str(input_path), "obsm_key": OBSM_KEY,
               "n_obs": int(len(rows)), "embedding_dim": int(embedding.shape[1])}
-    if output.suffix == ".h5ad":
+    whole_file = len(rows) and np.array_equal(rows, np.arange(len(rows)))
+    if output.suffix == ".h5ad" and copy_input and input_path.suffix == ".h5ad" and whole_file:
+        _atomic_write(output, lambda tmp: _copy_with_embedding(input_path, tmp, embedding, record))
+    elif output.suffix == ".h5ad":
         import anndata as ad
 
         if input_path.suffix == ".h5ad":
@@ -123,6 +131,20 @@ def write_embeddings(
         )
         _atomic_write(output, lambda tmp: pq.write_table(arrow, tmp))
     return output
+
+
+def _copy_with_embedding(input_path: Path, tmp: Path, embedding: np.ndarray, record: dict[str, Any]) -> None:
+    """The input ``.h5ad`` copied file to file, then the embedding and record written into the copy: the
+    matrix is never loaded (files larger than memory)."""
+    from anndata.io import write_elem
+
+    shutil.copyfile(input_path, tmp)
+    with h5py.File(tmp, "a") as f:
+        for key in (f"obsm/{OBSM_KEY}", f"uns/{RECORD_KEY}"):
+            if key in f:
+                del f[key]
+        write_elem(f, f"obsm/{OBSM_KEY}", embedding)
+        write_elem(f, f"uns/{RECORD_KEY}", {key: _h5ad_value(value) for key, value in record.items()})
 
 
 def _h5ad_value(value: Any) -> Any:

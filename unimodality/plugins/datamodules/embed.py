@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from unimodality.datamodule import INDEX, DataModule, check_sizes, collate_batch, take_rows
 from unimodality.example_data import resolve_path
 from unimodality.outputs import check_output_path, write_embeddings
-from unimodality.sources import Matrix, ModalitySource, source_for
+from unimodality.sources import AnnDataSource, Matrix, ModalitySource, TableSource, align_features, source_for
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,30 @@ class EmbedDataset(Dataset):
         return {self.modality: take_rows(self.features, indices), INDEX: torch.from_numpy(self.rows[indices])}
 
 
+class StreamedRows:
+    """Rows of a file read from disk batch by batch (``take``), aligned by name to the model's features.
+
+    For files larger than memory: nothing but the row pointers of a CSR matrix is held.
+    """
+
+    def __init__(self, source: ModalitySource, store: Any, names: list[str], align_to: list[str]) -> None:
+        self.source = source
+        self.store = store
+        self.names = names
+        self.align_to = align_to
+        # the alignment is checked (and a missing-features warning given) once, not per batch
+        align_features(np.zeros((0, len(names)), np.float32), names, align_to, source.file)
+
+    def take(self, rows: np.ndarray) -> torch.Tensor:
+        unique, where = np.unique(np.asarray(rows), return_inverse=True)
+        raw = self.store.read_rows(unique)
+        if self.names != self.align_to:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                raw = align_features(raw, self.names, self.align_to, self.source.file)
+        return take_rows(self.source.finish(raw, unique, self.align_to, empty_rows="warn"), where)
+
+
 class EmbedDataModule(DataModule):
     """One file of one modality, read the way the model's training data was read.
 
@@ -52,6 +77,11 @@ class EmbedDataModule(DataModule):
             ``<input name>_embeddings.h5ad|.parquet`` in the working directory.
         n_samples: embed only the first ``n_samples`` rows (a quick look at a large file).
         overwrite: replace ``output`` if it exists (by default an existing file is an error, left untouched).
+        streaming: read the rows batch by batch instead of the whole file (files larger than memory; feature
+            vectors only). An ``.h5ad`` is read in place; a table is first converted to a cache in
+            ``cache_dir`` (see ``PairedDataModule``). An ``.h5ad`` output is then a file copy of the input
+            with the embeddings added, never the whole matrix in memory.
+        cache_dir: where tables are cached when streaming.
         source_options: settings of the modality's source that replace those recorded in the checkpoint,
             for a file laid out differently, e.g. ``{"smiles_column": "canonical_smiles", "invalid": "drop"}``
             or ``{"key_columns": null}``. Settings that change the features (transforms) are best left alone.
@@ -67,6 +97,8 @@ class EmbedDataModule(DataModule):
         n_samples: int | None = None,
         source_options: dict[str, Any] | None = None,
         overwrite: bool = False,
+        streaming: bool = False,
+        cache_dir: str | None = None,
         batch_size: int = 512,
         num_workers: int = 0,
     ) -> None:
@@ -77,6 +109,8 @@ class EmbedDataModule(DataModule):
         self.modality = modality
         self.n_samples = n_samples
         self.source_options = dict(source_options or {})
+        self.streaming = streaming
+        self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.num_workers = num_workers
         file = resolve_path(path)
@@ -131,9 +165,28 @@ class EmbedDataModule(DataModule):
         usable = self.source.usable_rows()  # rows a source cannot use (and was told to drop) get no embedding
         rows = np.arange(n_rows) if usable is None else np.flatnonzero(usable)
         rows = rows[:self.n_samples]
-        features = self.source.read_features(rows, align_to=entry["features"], empty_rows="warn")
+        if self.streaming:
+            features = self._streamed(entry["features"])
+        else:
+            features = self.source.read_features(rows, align_to=entry["features"], empty_rows="warn")
         self.dataset = EmbedDataset(name, features, rows)
         log.info("embedding %d of %d rows of %s with the %r tower", len(rows), n_rows, self.path, name)
+
+    def _streamed(self, align_to: list[str]) -> StreamedRows:
+        from unimodality.streaming import H5Store, NpyStore, table_cache
+
+        source = self.source
+        if isinstance(source, AnnDataSource):
+            return StreamedRows(source, H5Store(source.file, source.element_key), source.feature_names(), align_to)
+        if isinstance(source, TableSource):
+            # cache only the model's columns this file has; the others are zero-filled when aligned
+            present = source._own_columns(align_to)
+            if not present:
+                align_features(np.zeros((0, 0), np.float32), [], align_to, source.file)  # the no-overlap error
+            store = NpyStore(table_cache(TableSource(str(source.file), features=present), self.cache_dir))
+            return StreamedRows(source, store, present, align_to)
+        raise ValueError(f"data.streaming reads feature vectors; the {type(source).__name__} tower's input "
+                         "is read into memory: leave data.streaming off")
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -157,7 +210,8 @@ class EmbedDataModule(DataModule):
             )
         metadata = self.source.read_metadata().iloc[rows]
         record = {**(record or {}), "modality": self.dataset.modality}
-        self.written = write_embeddings(self.source.file, metadata, rows, embedding, self.output, record)
+        self.written = write_embeddings(self.source.file, metadata, rows, embedding, self.output, record,
+                                        copy_input=self.streaming)
 
     def teardown(self, stage: str) -> None:
         if self.source is not None:
