@@ -58,8 +58,9 @@ def make_csr(path: Path, n_obs: int, n_var: int, density: float, seed: int = 0, 
         X = f.create_group("X")
         X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (n_obs, n_var)})
         total = n_obs * nnz_per_row
-        data = X.create_dataset("data", (total,), dtype=np.float32, chunks=(1 << 20,))
-        indices = X.create_dataset("indices", (total,), dtype=np.int32, chunks=(1 << 20,))
+        # h5py's automatic chunk size, as anndata's writer uses (a row block then touches one or two chunks)
+        data = X.create_dataset("data", (total,), dtype=np.float32, chunks=True)
+        indices = X.create_dataset("indices", (total,), dtype=np.int32, chunks=True)
         X.create_dataset("indptr", data=np.arange(n_obs + 1, dtype=np.int64) * nnz_per_row)
         for start in range(0, n_obs, chunk):
             rows = min(chunk, n_obs - start)
@@ -242,7 +243,7 @@ def main() -> None:
         args.cells, args.genes, args.batches = 20_000, 2_000, 50
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"csr": folder / f"csr_{args.cells}x{args.genes}.h5ad",
+    files = {"csr": folder / f"csr_{args.cells}x{args.genes}_autochunks.h5ad",
              "dense": folder / f"dense_{args.cells // 4}x{args.genes // 10}.h5ad",
              "parquet": folder / f"table_{args.cells // 2}x{args.genes // 20}.parquet"}
     t = time.perf_counter()
