@@ -228,11 +228,12 @@ def _check_strategy_available(trainer_config: Any, subcommand: str) -> None:
         )
 
 
-def _exit_with_error(subcommand: str | None, message: str):
-    """A configuration error: one paragraph on stderr and exit status 2, as for a command-line error."""
+def _exit_with_error(subcommand: str | None, message: str, status: int = 2):
+    """One paragraph on stderr, then exit: status 2 for a configuration error (as for a command-line
+    error), 1 for a problem found while running (data, checkpoint, divergence)."""
     command = f"unimodality {subcommand}" if subcommand else "unimodality"
     print(f"{command}: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(status) from None
 
 
 def checkpoint_arguments(args: list[str]) -> list[str]:
@@ -357,9 +358,7 @@ def main(args: list[str] | None = None) -> None:
         cause = _user_error_in(error)
         if os.environ.get("UNIMODALITY_DEBUG") or cause is None:
             raise
-        name = f"unimodality {subcommand[0]}" if subcommand else "unimodality"
-        print(f"{name}: error: {cause}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        _exit_with_error(subcommand[0] if subcommand else None, str(cause), status=1)
     finally:
         # leave no process group for interpreter shutdown: gloo's threads can then abort the process
         # ("terminate called without an active exception") after a distributed run

@@ -63,17 +63,46 @@ def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class SplitDataModule(DataModule):
     """A datamodule holding one dataset per split (``train``/``val``/``test``) in ``self.datasets``.
 
-    Subclasses fill ``self.datasets`` in ``setup`` and set ``batch_size``, ``eval_batch_size``,
-    ``num_workers`` and ``pin_memory``; the loaders, and freeing the data in ``teardown``, are shared.
+    Subclasses call :meth:`set_loading` in ``__init__``, fill ``self.datasets`` in ``setup`` and list
+    their sources in ``streamed_sources``; the loaders, converting tables for streaming in
+    ``prepare_data``, and freeing the data in ``teardown`` are shared.
     """
 
     #: what one training example is, for messages
     unit = "perturbations"
     datasets: dict[str, Dataset]
-    batch_size: int
-    eval_batch_size: int
-    num_workers: int
-    pin_memory: bool
+
+    def set_loading(
+        self, batch_size: int, eval_batch_size: int | None, num_workers: int, pin_memory: bool, streaming: bool,
+        block_size: int, buffer_batches: int, cache_dir: str | None,
+    ) -> None:
+        """Check and keep the settings of the loaders (see the subclasses' Args)."""
+        owner = type(self).__name__
+        check_sizes(owner, batch_size=batch_size, eval_batch_size=eval_batch_size, block_size=block_size,
+                    buffer_batches=buffer_batches)
+        if num_workers < 0:
+            raise ValueError(f"{owner}: num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.streaming = streaming
+        self.block_size = block_size
+        self.buffer_batches = buffer_batches
+        self.cache_dir = cache_dir
+
+    def streamed_sources(self) -> list[Any]:
+        """The sources of the data (their tables are converted for streaming in ``prepare_data``)."""
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        if not self.streaming:
+            return
+        from unimodality.streaming import open_store
+
+        for source in self.streamed_sources():  # tables converted once, on one process per node; others wait
+            if source.input_kind == "vectors":
+                open_store(source, self.cache_dir).close()
 
     def teardown(self, stage: str) -> None:
         self.datasets.clear()

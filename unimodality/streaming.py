@@ -31,7 +31,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from unimodality.datamodule import GROUP, take_rows
+from unimodality.datamodule import GROUP, check_sizes, take_rows
 from unimodality.sources import AnnDataSource, DataError, Matrix, ModalitySource
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class RowStore:
     indptr: np.ndarray | None = None
 
     def read_range(self, start: int, stop: int) -> Matrix:
-        raise NotImplementedError
+        return self.read_runs(np.array([start]), np.array([max(stop, start)]))
 
     def read_rows(self, rows: np.ndarray, max_gap: int = 16) -> Matrix:
         """Rows ``rows`` (sorted, unique) with one read per run of nearby rows.
@@ -78,9 +78,8 @@ class RowStore:
         return block[offsets[run_of_row] + rows - firsts[run_of_row]]
 
     def read_runs(self, starts: np.ndarray, stops: np.ndarray) -> Matrix:
-        """Row ranges ``starts[i]:stops[i]``, one after the other (stores override this to read in place)."""
-        parts = [self.read_range(int(a), int(b)) for a, b in zip(starts, stops)]
-        return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
+        """Row ranges ``starts[i]:stops[i]`` (increasing, disjoint), one after the other, read in place."""
+        raise NotImplementedError
 
     def close(self) -> None:
         """Release file handles (a forked worker reopens its own)."""
@@ -136,9 +135,6 @@ class H5Store(RowStore):
                 file_space.select_hyperslab((a,) + (0,) * len(trailing), (b - a, *trailing), op=h5py.h5s.SELECT_OR)
         if out.size:
             dataset.id.read(h5py.h5s.create_simple(out.shape), file_space, out)
-
-    def read_range(self, start: int, stop: int) -> Matrix:
-        return self.read_runs(np.array([start]), np.array([stop]))
 
     def read_runs(self, starts: np.ndarray, stops: np.ndarray) -> Matrix:
         sizes = stops - starts
@@ -198,9 +194,6 @@ class NpyStore(RowStore):
             self._fd = os.open(self.file, os.O_RDONLY)
             self._pid = os.getpid()
         return self._fd
-
-    def read_range(self, start: int, stop: int) -> np.ndarray:
-        return self.read_runs(np.array([start]), np.array([max(stop, start)]))
 
     def read_runs(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
         out = np.empty((int((stops - starts).sum()), self.n_features), dtype=np.float32)
@@ -385,8 +378,7 @@ class StreamingDataset(Dataset):
         partners: dict[str, Partner] | None = None,
         key_index: np.ndarray | None = None,
     ) -> None:
-        if batch_size < 1 or block_size < 1 or buffer_batches < 1:
-            raise ValueError("batch_size, block_size and buffer_batches must be at least 1")
+        check_sizes("StreamingDataset", batch_size=batch_size, block_size=block_size, buffer_batches=buffer_batches)
         self.name = name
         self.source = source
         self.store = store

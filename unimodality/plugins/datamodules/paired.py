@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from unimodality.datamodule import GROUP, INDEX, SplitDataModule, check_sizes, take_rows
+from unimodality.datamodule import GROUP, INDEX, SplitDataModule, take_rows
 from unimodality.sources import DataError, Matrix, ModalitySource
 from unimodality.streaming import Partner, StreamingDataset, open_store
 
@@ -141,10 +141,8 @@ class PairedDataModule(SplitDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        check_sizes("PairedDataModule", batch_size=batch_size, eval_batch_size=eval_batch_size, block_size=block_size,
-                    buffer_batches=buffer_batches)
-        if num_workers < 0:
-            raise ValueError(f"PairedDataModule: num_workers must be >= 0, got {num_workers}")
+        self.set_loading(batch_size, eval_batch_size, num_workers, pin_memory, streaming, block_size, buffer_batches,
+                         cache_dir)
         if len(modalities) < 2:
             raise ValueError(f"PairedDataModule needs at least two modalities, got {list(modalities)}")
         if not keys:
@@ -161,15 +159,7 @@ class PairedDataModule(SplitDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.streaming = streaming
         self.stream_modality = stream_modality
-        self.block_size = block_size
-        self.buffer_batches = buffer_batches
-        self.cache_dir = cache_dir
         self.datasets: dict[str, PairedDataset | StreamingDataset] = {}
 
     @property
@@ -279,11 +269,8 @@ class PairedDataModule(SplitDataModule):
                              f"{self.modalities} is one")
         return max(vectors, key=lambda n: self.sources[n].file.stat().st_size)
 
-    def prepare_data(self) -> None:
-        if self.streaming:  # tables are converted once (on one process per node; the others wait)
-            for source in self.sources.values():
-                if source.input_kind == "vectors":
-                    open_store(source, self.cache_dir).close()
+    def streamed_sources(self) -> list[ModalitySource]:
+        return list(self.sources.values())
 
     def _streaming_train(self, row_codes: dict[str, np.ndarray], codes: np.ndarray) -> StreamingDataset:
         name = self.streamed_modality()

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from unimodality.datamodule import GROUP, SplitDataModule, check_sizes, take_rows
+from unimodality.datamodule import GROUP, SplitDataModule, take_rows
 from unimodality.plugins.datamodules.paired import (
     check_fractions,
     check_split_values,
@@ -104,10 +104,8 @@ class SingleDataModule(SplitDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        check_sizes("SingleDataModule", batch_size=batch_size, eval_batch_size=eval_batch_size, block_size=block_size,
-                    buffer_batches=buffer_batches)
-        if num_workers < 0:
-            raise ValueError(f"SingleDataModule: num_workers must be >= 0, got {num_workers}")
+        self.set_loading(batch_size, eval_batch_size, num_workers, pin_memory, streaming, block_size, buffer_batches,
+                         cache_dir)
         check_fractions("SingleDataModule", val_fraction, test_fraction)
         if keys is not None and not keys:
             raise ValueError("SingleDataModule: keys must name at least one key column, or be left unset")
@@ -120,14 +118,6 @@ class SingleDataModule(SplitDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.streaming = streaming
-        self.block_size = block_size
-        self.buffer_batches = buffer_batches
-        self.cache_dir = cache_dir
         self.datasets: dict[str, SingleDataset | StreamingDataset] = {}
 
     @property
@@ -165,9 +155,8 @@ class SingleDataModule(SplitDataModule):
         return self.source.read_metadata([self.split_column])[self.split_column].reset_index(drop=True)
 
     # -- Lightning hooks ---------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        if self.streaming and self.source.input_kind == "vectors":  # convert a table once, on one process
-            open_store(self.source, self.cache_dir).close()
+    def streamed_sources(self) -> list[ModalitySource]:
+        return [self.source]
 
     def setup(self, stage: str) -> None:
         if stage == "predict":
