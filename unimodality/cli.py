@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import signal
 import sys
 import traceback
@@ -25,12 +24,12 @@ from unimodality import registry, resume
 from unimodality.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from unimodality.datamodule import DataModule
 from unimodality.outputs import EmbeddingWriter, ResultsWriter
+from unimodality.parser import UnimodalityArgumentParser
 from unimodality.plots import PlotCallback
 from unimodality.setup import NonFiniteLossError, Setup
 from unimodality.sources import DataError
 
 EVALUATION = ("validate", "test", "predict")
-_RESOLUTION_ERRORS = ("import path", "subclass of", "Problem with given class_path")
 
 DESCRIPTION = """\
 Multimodal contrastive learning for biology.
@@ -41,23 +40,6 @@ Multimodal contrastive learning for biology.
   unimodality plugins                                        list the registered plugins
   unimodality example-data --out DIR                         write the example data files
 """
-
-
-class UnimodalityArgumentParser(LightningArgumentParser):
-    """Adds the registered plugin names (and the closest match) to class-resolution errors."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        if "Registered plugins" not in message and any(m in message for m in _RESOLUTION_ERRORS):
-            names = _unresolved_names(message)
-            message = f"{message}\n\n{registry.unknown_name_hint(names[0] if names else '')}"
-        return super().error(message, ex)
-
-
-def _unresolved_names(message: str) -> list[str]:
-    """The class names jsonargparse failed to resolve, as its message quotes them."""
-    patterns = (r"import path string: ([\w.]+)", r"val='([\w.]+)'", r"Given value: ([\w.]+)\s*$")
-    found = [m.group(1) for p in patterns for m in re.finditer(p, message, flags=re.MULTILINE)]
-    return list(dict.fromkeys(found))
 
 
 class RunConfigCallback(SaveConfigCallback):
