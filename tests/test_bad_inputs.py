@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from contextlib import redirect_stderr, redirect_stdout
@@ -23,6 +24,7 @@ import torch
 import yaml
 
 from unimodality.cli import main
+from unimodality.errors import DataError
 from unimodality.example_data import resolve_path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -68,6 +70,12 @@ def data(tmp_path, example_data_dir) -> dict[str, Path]:
     tx.write_h5ad(folder / "tx.h5ad")
     ph.to_parquet(folder / "ph.parquet")
     return {"dir": folder, "tx": folder / "tx.h5ad", "ph": folder / "ph.parquet", "tx_adata": tx, "ph_table": ph}
+
+
+def trained(args: list[str]) -> list[str]:
+    """``args`` without ``fast_dev_run``: a real (short) run, with checkpoints and a run directory."""
+    i = args.index("--trainer.fast_dev_run")
+    return args[:i] + args[i + 2:]
 
 
 def fit(data: dict, *extra: str, tx: Path | None = None, ph: Path | None = None) -> list[str]:
@@ -295,3 +303,342 @@ def test_predict_refuses_to_overwrite_without_overwrite(data, checkpoint):
     assert code == 0, printed
     assert len(pd.read_parquet(output)) == len(data["ph_table"])
 
+
+
+# -- trust: what a checkpoint or a config may make unimodality build ------------------------------------------
+
+HOSTILE = ["os.system", "subprocess.Popen", "builtins.eval", "os.remove"]
+
+
+def tampered(checkpoint: Path, folder: Path, change) -> Path:
+    """A copy of ``checkpoint`` with ``change(content)`` applied: still tensors and plain data (weights_only)."""
+    content = torch.load(checkpoint, weights_only=True)
+    change(content)
+    path = folder / "tampered.ckpt"
+    torch.save(content, path)
+    torch.load(path, weights_only=True)  # passes the pickle check: only the class check can refuse it
+    return path
+
+
+def _set(path: str, name: str):
+    """A change setting the ``class_path`` at ``path`` (keys joined by dots) of a checkpoint to ``name``."""
+    def change(content):
+        node = content
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = name if keys[-1] in ("class_path", "_class_path", "_instantiator") else {"class_path": name}
+    return change
+
+
+CHECKPOINT_SLOTS = [
+    "hyper_parameters.schema.tx.class_path",       # predict would import it and call it with the input path
+    "hyper_parameters._class_path",
+    "hyper_parameters._instantiator",              # Lightning's load_from_checkpoint imports and calls it
+    "hyper_parameters.encoders.tx.class_path",
+    "hyper_parameters.loss.class_path",
+    "hyper_parameters.optimizer.class_path",
+    "hyper_parameters.lr_scheduler",
+    "datamodule_hyper_parameters._class_path",
+    "datamodule_hyper_parameters.modalities.tx.class_path",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+@pytest.mark.parametrize("slot", CHECKPOINT_SLOTS)
+def test_a_checkpoint_naming_a_function_or_foreign_class_is_refused(data, checkpoint, tmp_path, slot, name):
+    from unimodality.plugins.setups.cross_modal import CrossModalSetup
+
+    hostile = tampered(checkpoint, tmp_path, _set(slot, name))
+    culprit = re.escape(slot.rsplit(".class_path", 1)[0].split(".", 1)[1])
+    command = "validate" if slot.startswith("datamodule") else "predict"
+    args = predict(hostile, data["tx"], "--data.output", str(data["dir"] / "out.h5ad"))
+    if command == "validate":
+        args = ["validate", "--ckpt_path", str(hostile), "--trainer.enable_progress_bar", "false"]
+    assert_user_error(args, r"tampered\.ckpt", culprit, re.escape(name), folder=data["dir"])
+    assert data["tx"].exists() and not (data["dir"] / "out.h5ad").exists()
+    with pytest.raises(Exception, match=r"tampered\.ckpt.*" + re.escape(name)):
+        CrossModalSetup.load_from_checkpoint(hostile)
+
+
+def test_a_checkpoint_may_not_make_unimodality_import_a_module(data, checkpoint, tmp_path):
+    hostile = tampered(checkpoint, tmp_path, _set("hyper_parameters.loss.class_path", "antigravity.Loss"))
+    assert_user_error(predict(hostile, data["tx"]), r"antigravity", r"not imported", folder=data["dir"])
+    import sys
+
+    assert "antigravity" not in sys.modules
+
+
+SLOTS = {  # a config's class slots and how to point one at a hostile name
+    "model": lambda c, n: c["model"].__setitem__("class_path", n),
+    "data": lambda c, n: c["data"].__setitem__("class_path", n),
+    "encoder": lambda c, n: c["model"]["init_args"]["encoders"]["tx"].__setitem__("class_path", n),
+    "encoder as a plain path": lambda c, n: c["model"]["init_args"]["encoders"].__setitem__("tx", n),
+    "loss": lambda c, n: c["model"]["init_args"]["loss"].__setitem__("class_path", n),
+    "optimizer": lambda c, n: c["model"]["init_args"]["optimizer"].__setitem__("class_path", n),
+    "optimizer as a plain path": lambda c, n: c["model"]["init_args"].__setitem__("optimizer", n),
+    "lr_scheduler": lambda c, n: c["model"]["init_args"]["lr_scheduler"].__setitem__("class_path", n),
+    "source": lambda c, n: c["data"]["init_args"]["modalities"]["ph"].__setitem__("class_path", n),
+    "logger": lambda c, n: c["trainer"]["logger"].__setitem__("class_path", n),
+    "callbacks": lambda c, n: c["trainer"].__setitem__("callbacks", [{"class_path": n}]),
+    "strategy": lambda c, n: c["trainer"].__setitem__("strategy", n),
+}
+
+
+@pytest.mark.parametrize("name", ["os.system", "subprocess.Popen", "builtins.eval"])
+@pytest.mark.parametrize("slot", list(SLOTS))
+def test_a_config_naming_a_function_or_foreign_class_is_refused(data, tmp_path, slot, name):
+    config = yaml.safe_load((CONFIGS / "clip.yaml").read_text())
+    SLOTS[slot](config, name)
+    witness = tmp_path / "ran"
+    if name == "subprocess.Popen":  # were it called, it would leave a file behind
+        arm(config, name, witness)
+    path = tmp_path / "hostile.yaml"
+    path.write_text(yaml.safe_dump(config))
+    printed = assert_user_error(["fit", "--config", str(path), *QUICK], r"hostile\.yaml", re.escape(name),
+                                folder=data["dir"])
+    assert len(printed.strip().splitlines()) == 1, printed
+    assert not witness.exists()
+    # the same through the command line (jsonargparse would call it at instantiation)
+    option = json.dumps({"tx": {"class_path": name, "init_args": {"args": ["touch", str(witness)]}}})
+    assert_user_error(["fit", "--config", str(CONFIGS / "clip.yaml"), "--model.init_args.encoders", option, *QUICK],
+                      re.escape(name))
+    assert not witness.exists()
+
+
+def arm(config, name: str, witness: Path) -> None:
+    """Give every entry naming ``name`` the arguments that would create ``witness`` if it were called."""
+    if isinstance(config, dict):
+        if config.get("class_path") == name:
+            config["init_args"] = {"args": ["touch", str(witness)]}
+        for value in config.values():
+            arm(value, name, witness)
+    elif isinstance(config, list):
+        for value in config:
+            arm(value, name, witness)
+
+
+# -- predict never writes over its input ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["same path", "relative path", "symlink", "hard link"])
+@pytest.mark.parametrize("kind", ["ph", "tx", "tx streaming"])
+def test_predict_refuses_to_write_over_its_input(data, checkpoint, how, kind, monkeypatch):
+    source = data[kind.split()[0]]
+    output = {"same path": source, "relative path": Path(os.path.relpath(source)),
+              "symlink": data["dir"] / f"link{source.suffix}", "hard link": data["dir"] / f"hard{source.suffix}"}[how]
+    if how == "symlink":
+        output.symlink_to(source)
+    if how == "hard link":
+        os.link(source, output)
+    extra = ["--data.streaming", "true"] if "streaming" in kind else []
+    assert_user_error(predict(checkpoint, source, "--data.output", str(output), "--data.overwrite", "true", *extra),
+                      r"is the input file", r"never writes over its input", folder=data["dir"])
+
+
+def test_predict_refuses_to_write_over_the_checkpoint(data, checkpoint, tmp_path):
+    fake = tmp_path / "model.parquet"
+    fake.write_bytes(checkpoint.read_bytes())
+    assert_user_error(predict(fake, data["ph"], "--data.output", str(fake), "--data.overwrite", "true"),
+                      r"model\.parquet", r"checkpoint", folder=tmp_path)
+
+
+# -- files with no rows, and columns the output would overwrite -------------------------------------------------
+
+def test_predict_on_a_file_without_rows(data, checkpoint):
+    data["ph_table"].iloc[:0].to_parquet(data["dir"] / "empty.parquet")
+    assert_user_error(predict(checkpoint, data["dir"] / "empty.parquet", "--data.output",
+                              str(data["dir"] / "out.parquet")),
+                      r"empty\.parquet", r"no rows", folder=data["dir"])
+    assert not (data["dir"] / "out.parquet").exists()
+
+
+def test_training_on_a_file_without_rows(data):
+    data["ph_table"].iloc[:0].to_parquet(data["dir"] / "empty.parquet")
+    assert_user_error(fit(data, ph=data["dir"] / "empty.parquet"), r"empty\.parquet", r"no rows", folder=data["dir"])
+
+
+@pytest.mark.parametrize("column", ["obs_names", "X_unimodality_0"])
+def test_metadata_columns_named_like_the_outputs_are_found_before_embedding(data, checkpoint, column, monkeypatch):
+    tx = data["tx_adata"].copy()
+    tx.obs[column] = "x"
+    tx.write_h5ad(data["dir"] / "clash.h5ad")
+    from unimodality.plugins.setups.cross_modal import CrossModalSetup
+
+    embedded = []
+    monkeypatch.setattr(CrossModalSetup, "predict_step", lambda *a, **k: embedded.append(1))
+    assert_user_error(predict(checkpoint, data["dir"] / "clash.h5ad", "--data.output",
+                              str(data["dir"] / "out.parquet")),
+                      r"clash\.h5ad", column, r"rename them", folder=data["dir"])
+    assert not embedded  # refused before any row was embedded
+
+
+# -- keys that differ only in precision, and unmatched rows ------------------------------------------------
+
+def test_float32_and_float64_keys_pair_every_row(data, tmp_path):
+    from unimodality.plugins.datamodules.paired import PairedDataModule
+    from unimodality.sources import AnnDataSource, TableSource
+
+    tx, table = data["tx_adata"].copy(), data["ph_table"].copy()
+    tx.obs["concentration"] = tx.obs["concentration"] * 0.1  # 0.1 and 1.0, as float64
+    tx.write_h5ad(tmp_path / "f64.h5ad")
+    table["concentration"] = (table["concentration"] * 0.1).astype(np.float32)
+    table.to_parquet(tmp_path / "f32.parquet")
+    assert (table["concentration"].astype(np.float64) != data["ph_table"]["concentration"] * 0.1).any()
+
+    def perturbations(tx: Path, ph: Path, **options) -> int:
+        sources = {"tx": AnnDataSource(str(tx)), "ph": TableSource(str(ph), feature_prefix="feat_")}
+        dm = PairedDataModule(sources, keys=["smiles", "concentration"], split_column="split", **options)
+        _, shared, _, _ = dm._index()
+        return len(shared)
+
+    assert perturbations(tmp_path / "f64.h5ad", tmp_path / "f32.parquet") == perturbations(data["tx"], data["ph"])
+    # compared exactly, the 0.1 doses find no partner: too many rows unmatched, an error that shows them
+    with pytest.raises(DataError, match=r"max_unmatched.*0\.1"):
+        perturbations(tmp_path / "f64.h5ad", tmp_path / "f32.parquet", key_digits=None)
+
+
+def test_many_unmatched_rows_stop_training_with_examples_of_each_side(data, tmp_path):
+    table = data["ph_table"].copy()
+    table.loc[: len(table) // 4, "smiles"] = "X" + table.loc[: len(table) // 4, "smiles"].astype(str)
+    table.to_parquet(tmp_path / "renamed.parquet")
+    assert_user_error(fit(data, ph=tmp_path / "renamed.parquet"), r"max_unmatched=0\.1", r"ph \(renamed\.parquet\)",
+                      r"tx \(tx\.h5ad\)", r"e\.g\. \[\(.X", folder=data["dir"])
+    code, printed = run(fit(data, "--data.init_args.max_unmatched", "1.0", ph=tmp_path / "renamed.parquet"))
+    assert code == 0, printed
+
+
+# -- training settings that would silently do nothing -----------------------------------------------------
+
+@pytest.mark.parametrize("option", ["--trainer.max_epochs", "--trainer.max_steps"])
+def test_a_training_length_of_zero(data, option):
+    args = trained(fit(data, option, "0"))
+    assert_user_error(args, option.lstrip("-"), r"trains nothing", folder=data["dir"])
+
+
+def test_a_validation_split_of_one_perturbation_warns(data, tmp_path, caplog):
+    import logging
+
+    from unimodality.plugins.datamodules.paired import PairedDataModule
+    from unimodality.sources import AnnDataSource, TableSource
+
+    tx, ph = data["tx_adata"].copy(), data["ph_table"].copy()
+    first = (ph["smiles"] == ph["smiles"].iloc[0]) & (ph["concentration"] == ph["concentration"].iloc[0])
+    ph["split"] = np.where(first, "val", "train")
+    keys = set(zip(ph.loc[first, "smiles"], ph.loc[first, "concentration"]))
+    tx.obs["split"] = ["val" if k in keys else "train" for k in zip(tx.obs["smiles"], tx.obs["concentration"])]
+    tx.write_h5ad(tmp_path / "tx.h5ad")
+    ph.to_parquet(tmp_path / "ph.parquet")
+    dm = PairedDataModule({"tx": AnnDataSource(str(tmp_path / "tx.h5ad")),
+                           "ph": TableSource(str(tmp_path / "ph.parquet"), feature_prefix="feat_")},
+                          keys=["smiles", "concentration"], split_column="split")
+    with caplog.at_level(logging.WARNING, logger="unimodality"):
+        dm.setup("fit")
+    assert "'val' split holds a single perturbation" in caplog.text and "1.0 by construction" in caplog.text
+
+
+# -- one run per run directory ------------------------------------------------------------------------------
+
+HOLD_LOCK = "import sys, time; from unimodality.run_lock import lock_run_directory; lock_run_directory(sys.argv[1]); " \
+            "print('locked', flush=True); time.sleep(120)"
+
+
+def test_a_run_directory_in_use_is_refused_at_once_and_freed_when_its_run_dies(data, tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "runs" / "clip" / "shared"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = trained(fit(data, "--trainer.max_epochs", "1", "--trainer.logger.init_args.save_dir",
+                           str(tmp_path / "runs"), "--trainer.logger.init_args.version", "shared"))
+        assert_user_error(args, r"run directory .*shared is in use by fit pid \d+",
+                          r"--trainer\.logger\.init_args\.version")
+        assert not (run_dir / "checkpoints").exists()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of its own, the operating system releases the lock
+        holder.wait()
+    code, printed = run(args)
+    assert code == 0, printed
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_runs_started_together_claim_distinct_numbered_directories(tmp_path):
+    from unimodality.run_lock import claim_new_directory
+
+    assert claim_new_directory(tmp_path, "version_0")
+    assert not claim_new_directory(tmp_path, "version_0")  # the second run moves on to version_1
+
+
+# -- every checkpoint read is the safe read -----------------------------------------------------------------
+
+def test_fit_resume_from_a_truncated_or_pickled_checkpoint(data, checkpoint, tmp_path):
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[:4000])
+    assert_user_error(fit(data, "--ckpt_path", str(truncated)), r"cut\.ckpt", r"truncated or corrupt",
+                      folder=data["dir"])
+    content = torch.load(checkpoint, weights_only=True)
+    content["payload"] = Path("/etc/passwd")
+    torch.save(content, tmp_path / "pickled.ckpt")
+    assert_user_error(fit(data, "--ckpt_path", str(tmp_path / "pickled.ckpt")), r"pickled\.ckpt",
+                      r"--trust_checkpoint", folder=data["dir"])
+
+
+def test_weights_only_false_needs_trust_checkpoint_and_then_warns(data, checkpoint, tmp_path):
+    args = trained(fit(data, "--ckpt_path", str(checkpoint), "--trainer.max_epochs", "2",
+                       "--trainer.logger.init_args.save_dir", str(tmp_path)))
+    assert_user_error([*args, "--weights_only", "false"], r"--weights_only false", r"--trust_checkpoint true")
+    with pytest.warns(UserWarning, match=r"weights_only=False \(--trust_checkpoint\)"):
+        code, printed = run([*args, "--weights_only", "false", "--trust_checkpoint", "true"])
+    assert code == 0, printed
+
+
+def test_trusting_a_checkpoint_loads_a_pickled_one_with_a_warning(data, checkpoint, tmp_path):
+    content = torch.load(checkpoint, weights_only=True)
+    content["payload"] = Path("/etc/passwd")
+    torch.save(content, tmp_path / "pickled.ckpt")
+    output = tmp_path / "out.parquet"
+    with pytest.warns(UserWarning, match=r"pickled\.ckpt: loaded with weights_only=False"):
+        code, printed = run(predict(tmp_path / "pickled.ckpt", data["ph"], "--data.output", str(output),
+                                    "--trust_checkpoint", "true"))
+    assert code == 0, printed
+    assert len(pd.read_parquet(output)) == len(data["ph_table"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickled"])
+def test_model_weights_from_a_truncated_or_pickled_file(data, checkpoint, tmp_path, damage):
+    weights = tmp_path / "weights.ckpt"
+    if damage == "truncated":
+        weights.write_bytes(checkpoint.read_bytes()[:4000])
+    else:
+        torch.save({"state_dict": {}, "payload": Path("/etc/passwd")}, weights)
+    assert_user_error(fit(data, "--model.init_args.modes", json.dumps({"tx": "frozen"}),
+                          "--model.init_args.weights", json.dumps({"tx": str(weights)})),
+                      r"weights\.ckpt", r"truncated or corrupt" if damage == "truncated" else "weights_only",
+                      folder=data["dir"])
+
+
+# -- exit codes -----------------------------------------------------------------------------------------------
+
+def test_sigterm_during_fit_saves_a_checkpoint_and_exits_143(data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from unimodality.checkpoint import read_checkpoint
+
+    args = trained(fit(data, "--trainer.max_epochs", "1000", "--trainer.logger.init_args.save_dir", str(tmp_path),
+                       "--trainer.logger.init_args.version", "killed"))
+    job = subprocess.Popen([sys.executable, "-m", "unimodality", *args], stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    run_dir = tmp_path / "clip" / "killed"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)  # training: the first epoch's checkpoint is written
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 143, err[-3000:]
+    saved = sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
+    assert len(saved) == 1 and "stopped by SIGTERM: saved" in err and str(saved[0]) in err, err[-3000:]
+    assert read_checkpoint(saved[0])["global_step"] > 0

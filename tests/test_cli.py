@@ -185,7 +185,7 @@ def test_ambiguous_short_name_asks_for_the_full_path(tmp_path):
 
     ambiguous = run(CONFIGS / "clip.yaml")
     assert ambiguous.returncode != 0
-    assert "Multiple subclasses with name ClipLoss" in ambiguous.stderr
+    assert "'ClipLoss' is ambiguous" in ambiguous.stderr
     assert "other_losses.ClipLoss" in ambiguous.stderr
     assert "unimodality.plugins.losses.clip.ClipLoss" in ambiguous.stderr
     resolved = run(full_path)

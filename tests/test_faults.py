@@ -3,8 +3,11 @@ gives the same run."""
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -20,14 +23,18 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.helpers import example_datamodule, quiet_trainer
+from tests.test_bad_inputs import assert_user_error, checkpoint, data, fit, predict
 from unimodality.checkpoint import AtomicCheckpointIO, read_checkpoint
 from unimodality.cli import main
 from unimodality.plugins.encoders.mlp import MLPEncoder
 from unimodality.plugins.losses.clip import ClipLoss
 from unimodality.plugins.setups.cross_modal import CrossModalSetup
 from unimodality.setup import NonFiniteLossError
+from unimodality.sources import DataError, TableSource
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: the command-line catalogue's fixtures, used here by name
+FIXTURES = (checkpoint, data)
 
 
 class PoisonedLoss(ClipLoss):
@@ -88,15 +95,21 @@ def test_a_checkpoint_write_killed_midway_leaves_the_previous_one(tmp_path):
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 1}, path)
     process = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, str(path)])
+    leftover = tmp_path / f".last.ckpt.{socket.gethostname()}-{process.pid}.unimodality-tmp"
     deadline = time.time() + 120
-    while not list(tmp_path.glob(".last.ckpt.*.tmp")) and time.time() < deadline:
+    while not leftover.exists() and time.time() < deadline:
         time.sleep(0.01)
-    assert list(tmp_path.glob(".last.ckpt.*.tmp")), "the writer never started"
+    assert leftover.exists(), "the writer never started"
     time.sleep(0.05)  # well into the 400 MB write
     process.send_signal(signal.SIGKILL)
     process.wait()
     saved = read_checkpoint(path)
     assert saved["epoch"] == 1 and torch.equal(saved["state_dict"]["w"], torch.zeros(3))
+    # the killed run's temporary file is recognisable, and the next save of that checkpoint removes it
+    assert leftover.exists()
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 3}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert read_checkpoint(path)["epoch"] == 3
 
 
 def fit_metrics(root: Path, *extra: str) -> pd.DataFrame:
@@ -170,14 +183,19 @@ def test_an_output_write_killed_midway_leaves_the_previous_file(tmp_path):
                      np.zeros((2, 4), np.float32), output)
     before = output.read_bytes()
     process = subprocess.Popen([sys.executable, "-c", KILL_DURING_OUTPUT, str(output)], cwd=tmp_path)
+    leftover = tmp_path / f".wells_embedded.parquet.{socket.gethostname()}-{process.pid}.unimodality-tmp.parquet"
     deadline = time.time() + 120
-    while not list(tmp_path.glob(".wells_embedded.parquet.*")) and time.time() < deadline:
+    while not leftover.exists() and time.time() < deadline:
         time.sleep(0.01)
-    assert list(tmp_path.glob(".wells_embedded.parquet.*")), "the writer never started"
+    assert leftover.exists(), "the writer never started"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert output.read_bytes() == before
     assert pd.read_parquet(output)["well"].tolist() == ["a", "b"]
+    # the next write of that output removes the killed run's temporary file
+    write_embeddings(Path("input.parquet"), pd.DataFrame({"well": ["c"]}), np.arange(1),
+                     np.zeros((1, 4), np.float32), output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wells_embedded.parquet"]
 
 
 def test_the_cli_writes_checkpoints_atomically(example_data_dir, tmp_path, monkeypatch):
@@ -191,3 +209,112 @@ def test_the_cli_writes_checkpoints_atomically(example_data_dir, tmp_path, monke
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", spy)
     fit_metrics(tmp_path, "--trainer.max_epochs", "1")
     assert sorted(saved) == ["best.ckpt", "last.ckpt"]
+
+
+# -- full disks, unwritable caches -----------------------------------------------------------------------
+
+def test_a_full_disk_while_saving_a_checkpoint_says_so(data, tmp_path, monkeypatch):
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    runs = tmp_path / "runs"
+    args = [a for a in fit(data) if a not in ("--trainer.fast_dev_run", "1")]  # fast_dev_run saves nothing
+    assert_user_error(args + ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                              "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.save_dir", str(runs)],
+                      r"unimodality fit: error: \S+(best|last)\.ckpt: no space left on device while writing it; "
+                      r"free space or choose another folder", folder=data["dir"])
+    assert [p.name for p in runs.rglob("*.ckpt*")] == []  # nothing half-written left behind
+
+
+def test_a_cache_dir_that_cannot_be_created_is_named(data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert_user_error(fit(data, "--data.streaming", "true", "--data.cache_dir", str(blocker / "cache")),
+                      r"unimodality fit: error: streaming cache folder \S*a-file/cache is not writable \(",
+                      r"--data\.cache_dir or the UNIMODALITY_CACHE_DIR", folder=data["dir"])
+
+
+def test_a_read_only_cache_dir_is_named(data, tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that can write anywhere (root): see the test with a file as parent")
+        monkeypatch.setenv("UNIMODALITY_CACHE_DIR", str(locked))
+        assert_user_error(fit(data, "--data.streaming", "true"), r"cache folder \S*locked is not writable",
+                          folder=data["dir"])
+    finally:
+        locked.chmod(0o700)
+
+
+def first_error(printed: str) -> str:
+    return next(line for line in printed.splitlines() if "error:" in line)
+
+
+@pytest.mark.parametrize("column", ["text", "numeric text", "null"])
+def test_streaming_and_in_memory_refuse_a_bad_feature_column_alike(data, tmp_path, column):
+    table = data["ph_table"].copy()
+    if column == "text":
+        table["feat_005"] = "abc"
+    elif column == "numeric text":
+        table["feat_005"] = table["feat_005"].astype(str)
+    else:
+        table.loc[7, "feat_010"] = None  # a null in parquet (row 7 is a training row)
+    path = data["dir"] / "bad.parquet"
+    table.to_parquet(path)
+    expected = {"text": r"feature columns must be numeric, these are not: \['feat_005 \(string\)'\]",
+                "numeric text": r"feature columns must be numeric, these are not: \['feat_005 \(string\)'\]",
+                "null": r"1 NaN or infinite feature values in 1 rows \(e\.g\. row 7 / feat_010\)"}[column]
+    in_memory = assert_user_error(fit(data, ph=path), rf"bad\.parquet: {expected}", folder=data["dir"])
+    streamed = assert_user_error(fit(data, "--data.streaming", "true", "--data.cache_dir", str(tmp_path / "cache"),
+                                     ph=path), rf"bad\.parquet: {expected}", folder=data["dir"])
+    assert first_error(streamed) == first_error(in_memory)
+    assert not list((tmp_path / "cache").glob("*.npy"))  # no cache of bad data is kept
+
+
+@pytest.mark.parametrize("transform", ["log1p", "normalize_log1p", "clr"])
+def test_negative_values_under_a_log_transform_are_refused(tmp_path, transform):
+    frame = pd.DataFrame({"key": ["a", "b", "c"], "g0": [1.0, 2.0, 3.0], "g1": [4.0, -0.5, 1.0]})
+    frame.to_parquet(tmp_path / "counts.parquet")
+    source = TableSource(str(tmp_path / "counts.parquet"), features=["g0", "g1"], transform=transform)
+    message = (rf"counts\.parquet: 1 negative feature values in 1 rows would be meaningless after the "
+               rf"'{transform}' transform \(e\.g\. row 1 / g1\), which expects non-negative counts")
+    with pytest.raises(DataError, match=message):
+        source.read_features()
+    with pytest.raises(DataError, match=message):  # when embedding too
+        source.read_features(align_to=["g1", "g0"], empty_rows="warn")
+    assert TableSource(str(tmp_path / "counts.parquet"), features=["g0", "g1"]).read_features()[1, 1] == -0.5
+
+
+def negative_counts(data: dict, rows: np.ndarray) -> Path:
+    tx = data["tx_adata"].copy()
+    X = tx.X.toarray()
+    X[rows, 3] = -0.5  # log1p(-0.5) is finite: nothing would show later
+    tx.X = X
+    tx.write_h5ad(data["dir"] / "negative.h5ad")
+    return data["dir"] / "negative.h5ad"
+
+
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_fit_refuses_negative_counts(data, tmp_path, streaming):
+    train = np.flatnonzero(data["tx_adata"].obs["split"].to_numpy() == "train")
+    path = negative_counts(data, train)  # every training row: the first streamed buffer holds some
+    gene = data["tx_adata"].var_names[3]
+    assert_user_error(fit(data, "--data.streaming", streaming, "--data.cache_dir", str(tmp_path / "cache"), tx=path),
+                      r"unimodality fit: error: \S*negative\.h5ad: \d+ negative feature values in \d+ rows would be "
+                      rf"meaningless after the 'normalize_log1p' transform \(e\.g\. row \d+ / {gene}",
+                      r"expects non-negative counts", folder=data["dir"])
+
+
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_predict_refuses_negative_counts(data, checkpoint, tmp_path, streaming):
+    path = negative_counts(data, np.array([5, 9]))
+    output = tmp_path / "embedded.h5ad"
+    assert_user_error(predict(checkpoint, path, "--data.output", str(output), "--data.streaming", streaming),
+                      r"unimodality predict: error: \S*negative\.h5ad: 2 negative feature values in 2 rows would be "
+                      r"meaningless after the 'normalize_log1p' transform \(e\.g\. row 5 / \S+, row 9 / ",
+                      folder=data["dir"])
+    assert not output.exists()

@@ -18,18 +18,23 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from unimodality import registry, resume
+from unimodality import registry, resume, run_lock, trust
 from unimodality.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from unimodality.datamodule import DataModule
 from unimodality.outputs import EmbeddingWriter, ResultsWriter
 from unimodality.parser import UnimodalityArgumentParser
+from unimodality.paths import same_file
 from unimodality.plots import PlotCallback
 from unimodality.setup import NonFiniteLossError, Setup
 from unimodality.sources import DataError
 
 EVALUATION = ("validate", "test", "predict")
+#: Lightning's names of the checkpoints it finds itself
+NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
+#: the exit status of a process ended by SIGTERM (128 + 15)
+SIGTERM_STATUS = 143
 
 DESCRIPTION = """\
 Multimodal contrastive learning for biology.
@@ -75,6 +80,11 @@ class UnimodalityCLI(LightningCLI):
                 ],
             }
         )
+        parser.add_argument(
+            "--trust_checkpoint", type=bool, default=False,
+            help="Read checkpoints with weights_only=False: any pickled object in them is loaded, which can run "
+            "code. Only for checkpoints of a known origin; unimodality warns when it does so.",
+        )
 
     def _parse_ckpt_path(self) -> None:
         # the model (and data) config was read from the checkpoint *before* parsing (see main), so that
@@ -84,7 +94,11 @@ class UnimodalityCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand is None:
             return
+        # before anything is imported or called: a config names plugins and the expected interfaces only
+        trust.check_config(self.config.get(self.subcommand), "the config (--config files and options)")
         _check_strategy_available(self._get(self.config, "trainer", default={}), self.subcommand)
+        if self.subcommand == "fit":
+            _check_training_length(self._get(self.config, "trainer", default={}))
         version = resume.slurm_version()
         if self.subcommand == "fit" and version:
             # a requeued job starts again with the same job id: name the run directory after it, so the new
@@ -112,6 +126,8 @@ class UnimodalityCLI(LightningCLI):
             trainer.callbacks.append(EmbeddingWriter())
         if self.subcommand == "test":
             trainer.callbacks.append(ResultsWriter())  # test_results*.csv/json in the run directory
+        if self.subcommand == "fit":
+            trainer.callbacks.append(resume.SigtermCheckpoint())  # a killed run saves where it was, exits 143
         if self.subcommand in ("fit", "test"):
             trainer.callbacks.append(PlotCallback())  # PNGs in <run dir>/plots (skipped without matplotlib)
         if self.run_dir is not None and resume.slurm_job_id():
@@ -132,7 +148,36 @@ class UnimodalityCLI(LightningCLI):
             return None
         return Path(first.log_dir)
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        trusted = bool(self.config[subcommand].get("trust_checkpoint"))
+        if kwargs.get("weights_only") is False and not trusted:
+            raise CheckpointError(
+                "--weights_only false unpickles any object a checkpoint holds, which can run code: it is refused "
+                "unless you also pass --trust_checkpoint true (for checkpoints of a known origin)"
+            )
+        if trusted and "weights_only" in self._subcommand_method_arguments[subcommand]:
+            kwargs["weights_only"] = False
+        return kwargs
+
+    def _lock_run_directory(self) -> None:
+        """Hold the run directory for this fit (one process per run directory); an automatically numbered
+        version is claimed first, so two runs started together get two directories."""
+        logger = self.trainer.logger
+        if rank_zero_only.rank != 0 or self.trainer.fast_dev_run or logger is None or logger.log_dir is None:
+            return
+        if getattr(logger, "_version", "") is None and hasattr(logger, "_get_next_version"):
+            for _ in range(1000):
+                name = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+                if run_lock.claim_new_directory(Path(logger.root_dir), name):
+                    break
+                logger._version = None  # taken by a run started at the same moment: the next number
+        run_lock.lock_run_directory(
+            logger.log_dir, hint=", or give this one another directory (--trainer.logger.init_args.version)"
+        )
+
     def fit(self, model: LightningModule, datamodule: Any = None, ckpt_path: str | None = None, **kwargs: Any):
+        self._lock_run_directory()
         # a run directory that already holds a checkpoint (a requeued Slurm job, or a run started again with
         # the same --trainer.logger.init_args.version) is continued, not overwritten; --ckpt_path overrides
         if ckpt_path is None and self.run_dir is not None:
@@ -148,7 +193,19 @@ class UnimodalityCLI(LightningCLI):
                         "--ckpt_path to choose another one",
                         flush=True,
                     )
-        self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+        if ckpt_path and ckpt_path not in NAMED_CHECKPOINTS and Path(ckpt_path).is_file():
+            # the one safe reader: truncated, pickled or untrusted files get a clear error before Lightning reads
+            read_checkpoint(ckpt_path, trust=kwargs.get("weights_only") is False)
+        try:
+            self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+        except SIGTERMException as stop:
+            if isinstance(stop, resume.Requeued):
+                raise
+            saved = next((c.saved for c in self.trainer.callbacks if isinstance(c, resume.SigtermCheckpoint)), None)
+            where = f"saved {saved}; fit again in this run directory or with --ckpt_path to resume" if saved else (
+                "no checkpoint was saved at the signal (the last epoch's checkpoints/last.ckpt remains)")
+            print(f"unimodality fit: stopped by SIGTERM: {where}", file=sys.stderr, flush=True)
+            raise SystemExit(SIGTERM_STATUS) from None
 
     def after_fit(self) -> None:
         log_dir = self.trainer.log_dir  # a collective call under DDP: every rank takes part
@@ -210,6 +267,14 @@ def _check_strategy_available(trainer_config: Any, subcommand: str) -> None:
         )
 
 
+def _check_training_length(trainer_config: Any) -> None:
+    """``max_epochs 0`` (or ``max_steps 0``) would end at once with no checkpoint, reported as a success."""
+    for option in ("max_epochs", "max_steps"):
+        if trainer_config.get(option) == 0:
+            raise ValueError(f"--trainer.{option} 0 trains nothing (no checkpoint would be written); give at least 1 "
+                             "(or -1 for no limit)")
+
+
 def _exit_with_error(subcommand: str | None, message: str, status: int = 2):
     """One paragraph on stderr, then exit: status 2 for a configuration error (as for a command-line
     error), 1 for a problem found while running (data, checkpoint, divergence)."""
@@ -236,8 +301,10 @@ def checkpoint_arguments(args: list[str]) -> list[str]:
         args = _replace_option(args, "--ckpt_path", consolidated)
         ckpt_path = consolidated
     injected: list[str] = []
-    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):  # Lightning's named checkpoints
-        checkpoint = read_checkpoint(ckpt_path)  # missing, corrupt, newer or unsafe files end here, clearly
+    trusted = (_option(args, "--trust_checkpoint") or "false").lower() in ("true", "1", "yes")
+    if ckpt_path and ckpt_path not in NAMED_CHECKPOINTS:
+        # missing, corrupt, newer, pickled or untrusted files end here, clearly, before anything is imported
+        checkpoint = read_checkpoint(ckpt_path, trust=trusted)
         _check_model_option(args, checkpoint, ckpt_path)
         model = _as_config(checkpoint.get("hyper_parameters"))
         if model:
@@ -246,6 +313,9 @@ def checkpoint_arguments(args: list[str]) -> list[str]:
         if data and args[0] != "predict":
             injected.append(f"--data={json.dumps(data)}")
     if args[0] == "predict":
+        output = _option(args, "--data.output")
+        if output and ckpt_path and same_file(output, ckpt_path):
+            raise DataError(f"--data.output {output} is the checkpoint being read: choose another output")
         injected.append("--data=EmbedDataModule")
     return [args[0], *injected, *args[1:]]
 
@@ -265,7 +335,8 @@ def _check_model_option(args: list[str], checkpoint: dict[str, Any], ckpt_path: 
 
 
 def _check_config_files(args: list[str]) -> None:
-    """Each ``--config`` file must be valid YAML: say which file and where, before jsonargparse parses it."""
+    """Each ``--config`` file must be valid YAML naming only classes :mod:`unimodality.trust` accepts: say
+    which file and where, before jsonargparse parses it."""
     import yaml
 
     for i, arg in enumerate(args):
@@ -274,9 +345,10 @@ def _check_config_files(args: list[str]) -> None:
         if value is None or not Path(value).is_file():
             continue
         try:
-            yaml.safe_load(Path(value).read_text())
+            config = yaml.safe_load(Path(value).read_text())
         except yaml.YAMLError as error:
             raise DataError(f"{value}: not valid YAML: {error}") from None
+        trust.check_config(config, value)  # the classes it names, before jsonargparse imports or calls any
 
 
 def _option(args: list[str], name: str) -> str | None:

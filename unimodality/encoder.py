@@ -39,10 +39,12 @@ def load_state_dict_file(path: str | Path, prefix: str | None = None) -> dict[st
 
     ``prefix`` selects and strips a sub-module's keys (e.g. ``"towers.tx.encoder."``).
     """
+    from unimodality.checkpoint import load_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_file(path)  # the safe reader: a truncated or pickled file gets a clear error
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict or a checkpoint with a 'state_dict' entry")

@@ -29,6 +29,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from unimodality.config import config_form
 from unimodality.datamodule import INDEX
+from unimodality.files import atomic_write
 from unimodality.sources import DataError
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,10 @@ def check_output_path(output: str | Path, overwrite: bool = True) -> Path:
 
 
 def _atomic_write(output: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary file in the same folder, renamed into place only once complete."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=output.suffix, dir=output.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write through a temporary file in the same folder, renamed into place only once complete (see
+    :func:`unimodality.files.atomic_path`); the temporary name ends in the output's suffix, which some
+    writers need (``np.savez`` appends ``.npz`` otherwise)."""
+    atomic_write(output, write, suffix=output.suffix)
 
 
 def write_embeddings(

@@ -203,12 +203,7 @@ class SlurmRequeue(Callback):
         self.requested = False
         name = signal.Signals(self.signum).name
         rank_zero_info(f"{name}: saving a checkpoint and requeueing Slurm job {self.job_id}")
-        for logger in trainer.loggers:  # metrics logged so far go to disk with the checkpoint
-            logger.save()
-        run_dir = Path(trainer.default_root_dir)
-        numbers = [int(m.group(1)) for p in run_dir.glob("hpc_ckpt_*.ckpt") if (m := _HPC.fullmatch(p.name))]
-        path = trainer.strategy.broadcast(str(run_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"))
-        trainer.save_checkpoint(path)  # collective: every process is here
+        path = save_interruption_checkpoint(trainer, Path(trainer.default_root_dir))
         requeued = False
         if trainer.is_global_zero:
             try:
@@ -227,10 +222,57 @@ class SlurmRequeue(Callback):
             # Slurm now ends this job (SIGTERM, then SIGKILL): every process leaves here, together, rather than
             # train on into the kill. Not `trainer.should_stop`: that would end the epoch early and save last.ckpt
             # as if the whole epoch had been trained.
-            raise SIGTERMException()
+            raise Requeued()
+
+
+class Requeued(SIGTERMException):
+    """Training stopped because the Slurm job was requeued (a success: the next job resumes it)."""
 
 
 _HPC = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
+
+
+def save_interruption_checkpoint(trainer: Trainer, run_dir: Path) -> str:
+    """Save ``run_dir/hpc_ckpt_<n>.ckpt`` (the next free ``n``), the name ``fit`` resumes from; collective:
+    every process must call it."""
+    for logger in trainer.loggers:  # metrics logged so far go to disk with the checkpoint
+        logger.save()
+    numbers = [int(m.group(1)) for p in run_dir.glob("hpc_ckpt_*.ckpt") if (m := _HPC.fullmatch(p.name))]
+    path = trainer.strategy.broadcast(str(run_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"))
+    trainer.save_checkpoint(path)
+    return path
+
+
+class SigtermCheckpoint(Callback):
+    """On SIGTERM (a scheduler cancelling or preempting the job, ``kill``), save a checkpoint to resume from
+    in the run directory; the CLI then exits with status 143, as a process killed by SIGTERM does.
+
+    Lightning stops training on SIGTERM by raising a ``SystemExit`` without a status, which a scheduler
+    records as a success. With several processes they agree after each batch, so all save together; a stop
+    Lightning raises on its own is saved from a single process only (a collective save could hang there).
+    """
+
+    def __init__(self) -> None:
+        self.saved: str | None = None
+
+    def _save(self, trainer: Trainer) -> None:
+        log_dir = trainer.log_dir  # collective under DDP: every process is here
+        self.saved = save_interruption_checkpoint(trainer, Path(log_dir or trainer.default_root_dir))
+        rank_zero_info(f"SIGTERM: saved {self.saved}")
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # see SlurmRequeue.on_train_batch_end
+            return
+        stop = trainer.received_sigterm
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop and self.saved is None:
+            self._save(trainer)
+            raise SIGTERMException()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if type(exception) is SIGTERMException and self.saved is None and trainer.world_size == 1:
+            self._save(trainer)
 
 
 # --- DeepSpeed checkpoints ----------------------------------------------------------------------------------

@@ -21,14 +21,11 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from unimodality.config import RecordsInitArgs, class_path
+from unimodality.errors import DataError
 from unimodality.example_data import resolve_path
 
 Matrix = np.ndarray | sp.csr_matrix
 Transform = Literal["none", "log1p", "normalize_log1p", "clr"]
-
-
-class DataError(ValueError):
-    """Input data that cannot be used as it is; the message names the file and what is wrong."""
 
 
 class ModalitySource(RecordsInitArgs):
@@ -114,13 +111,17 @@ class ModalitySource(RecordsInitArgs):
     def finish(
         self, matrix: Matrix, rows: np.ndarray | None, names: list[str] | None = None, empty_rows: str = "error"
     ) -> Matrix:
-        """Check raw rows (read here or by a streaming store) for non-finite values and transform them."""
+        """Check raw rows (read here or by a streaming store) for non-finite values and, before a log
+        transform, negative ones (an error when embedding too: the log of a value in (-1, 0) is finite, so
+        nothing would show later); then transform them."""
         names = self.feature_names() if names is None else names
         self._check_finite(matrix, rows, names, "")
+        if self.transform != "none":
+            self._check_non_negative(matrix, rows, names)
         if self.transform in ("normalize_log1p", "clr"):
             self._check_not_empty(matrix, rows, empty_rows)
         matrix = apply_transform(matrix, self.transform, inplace=True)  # the rows were just read: ours to change
-        self._check_finite(matrix, rows, names, f" after the {self.transform!r} transform (negative values?)")
+        self._check_finite(matrix, rows, names, f" after the {self.transform!r} transform")
         return matrix
 
     def _read_aligned(self, rows: np.ndarray | None, align_to: list[str]) -> Matrix:
@@ -156,22 +157,46 @@ class ModalitySource(RecordsInitArgs):
         raise DataError(f"{message}; filter them out first (e.g. scanpy's sc.pp.filter_cells(adata, min_counts=1))")
 
     def _check_finite(self, matrix: Matrix, rows: np.ndarray | None, names: list[str], when: str) -> None:
-        values = matrix.data if sp.issparse(matrix) else matrix
-        if np.isfinite(values).all():
+        bad_rows, bad_cols = bad_entries(matrix, rows, np.isfinite)
+        if len(bad_rows):
+            raise non_finite_error(self.file, len(bad_rows), len(np.unique(bad_rows)),
+                                   [(r, names[c]) for r, c in zip(bad_rows[:5], bad_cols[:5])], when)
+
+    def _check_non_negative(self, matrix: Matrix, rows: np.ndarray | None, names: list[str]) -> None:
+        """``log1p`` of a value in (-1, 0) is a finite negative number: negative input would pass unnoticed."""
+        bad_rows, bad_cols = bad_entries(matrix, rows, lambda values: values >= 0)
+        if not len(bad_rows):
             return
-        if sp.issparse(matrix):  # locate the bad entries without densifying a large matrix
-            matrix = sp.csr_matrix(matrix)
-            bad = np.flatnonzero(~np.isfinite(matrix.data))
-            bad_rows = np.searchsorted(matrix.indptr, bad, side="right") - 1
-            bad_cols = matrix.indices[bad]
-        else:
-            bad_rows, bad_cols = np.nonzero(~np.isfinite(matrix))
-        file_rows = bad_rows if rows is None else np.asarray(rows)[bad_rows]
-        examples = ", ".join(f"row {r} / {names[c]}" for r, c in list(zip(file_rows, bad_cols))[:5])
+        examples = ", ".join(f"row {r} / {names[c]}" for r, c in zip(bad_rows[:5], bad_cols[:5]))
         raise DataError(
-            f"{self.file}: {len(bad_rows)} NaN or infinite feature values{when} in "
-            f"{len(np.unique(bad_rows))} rows (e.g. {examples}); clean or impute them first"
+            f"{self.file}: {len(bad_rows)} negative feature values in {len(np.unique(bad_rows))} rows would be "
+            f"meaningless after the {self.transform!r} transform (e.g. {examples}), which expects non-negative "
+            "counts: give raw counts, or transform: none for data already transformed (log, z-scores)"
         )
+
+
+def bad_entries(matrix: Matrix, rows: np.ndarray | None, good) -> tuple[np.ndarray, np.ndarray]:
+    """File rows and column positions (row-major order) of the entries of ``matrix`` (rows ``rows``; all rows
+    when None) where the elementwise test ``good`` fails; a sparse matrix's implicit zeros count as good."""
+    values = matrix.data if sp.issparse(matrix) else matrix
+    if good(values).all():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if sp.issparse(matrix):  # locate the bad entries without densifying a large matrix
+        matrix = sp.csr_matrix(matrix)
+        bad = np.flatnonzero(~good(matrix.data))
+        bad_rows = np.searchsorted(matrix.indptr, bad, side="right") - 1
+        bad_cols = matrix.indices[bad]
+    else:
+        bad_rows, bad_cols = np.nonzero(~good(matrix))
+    return (bad_rows if rows is None else np.asarray(rows)[bad_rows]), bad_cols
+
+
+def non_finite_error(file: Path, count: int, n_rows: int, examples: list[tuple[int, str]], when: str = "") -> DataError:
+    """The message for ``count`` NaN or infinite values in ``n_rows`` rows of ``file`` (examples: file row,
+    feature name): the same whether the rows are read into memory or converted for streaming."""
+    shown = ", ".join(f"row {r} / {name}" for r, name in examples[:5])
+    return DataError(f"{file}: {count} NaN or infinite feature values{when} in {n_rows} rows (e.g. {shown}); "
+                     "clean or impute them first")
 
 
 _READABLE: set[tuple[str, int, int]] = set()
@@ -477,26 +502,18 @@ class TableSource(ModalitySource):
 
     def _read_raw(self, rows: np.ndarray | None) -> Matrix:
         names = self.feature_names()
-        columns = self._own_columns(names)
-        if self.features is not None and len(columns) < len(names):
-            absent = [c for c in names if c not in set(columns)]
-            raise DataError(f"{self.file}: feature column(s) not found: {absent[:10]} ({len(absent)} in all)")
-        return self._read_columns(columns, rows)
+        if self.features is not None:
+            check_feature_columns(self.file, self._schema(), names)
+        return self._read_columns(self._own_columns(names), rows)
 
     def _read_columns(self, columns: list[str], rows: np.ndarray | None) -> np.ndarray:
         table = self._read_table(columns)
-        bad = [f"{field.name} ({field.type})" for field in table.schema if not _is_numeric(field.type)]
-        if bad:
-            raise DataError(
-                f"{self.file}: feature columns must be numeric, these are not: {bad[:10]}"
-                f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}"
-            )
+        check_feature_columns(self.file, table.schema, columns)
         if rows is not None:
             table = table.take(pa.array(np.asarray(rows, dtype=np.int64)))
         out = np.empty((table.num_rows, len(columns)), dtype=np.float32)
         for j, column in enumerate(table.columns):
-            # nulls become NaN here and are reported by the finiteness check
-            out[:, j] = pc.cast(column, pa.float32()).to_numpy(zero_copy_only=False)
+            out[:, j] = column_as_float32(column)
         return out
 
     def _read_aligned(self, rows: np.ndarray | None, align_to: list[str]) -> Matrix:
@@ -538,6 +555,29 @@ def read_metadata_of(file: Path, columns: list[str] | None = None) -> pd.DataFra
     if missing:
         raise DataError(f"{file}: has no column(s) {missing}; available: {names[:20]}")
     return read_table(file, columns).to_pandas()
+
+
+def check_feature_columns(file: Path, schema: pa.Schema, names: list[str]) -> None:
+    """Refuse feature columns ``names`` that ``schema`` lacks or that do not hold numbers: text is refused
+    even when it spells numbers (a sign of a mis-read file). The one check of tables read into memory and
+    of tables converted for streaming."""
+    present = set(schema.names)
+    absent = [c for c in names if c not in present]
+    if absent:
+        raise DataError(f"{file}: feature column(s) not found: {absent[:10]} ({len(absent)} in all)")
+    wanted = set(names)
+    bad = [f"{field.name} ({field.type})" for field in schema if field.name in wanted and not _is_numeric(field.type)]
+    if bad:
+        raise DataError(
+            f"{file}: feature columns must be numeric, these are not: {bad[:10]}"
+            f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}"
+        )
+
+
+def column_as_float32(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A numeric column (see :func:`check_feature_columns`) as float32; nulls become NaN, which the
+    finiteness check then reports with their rows."""
+    return pc.cast(column, pa.float32()).to_numpy(zero_copy_only=False)
 
 
 def _is_numeric(kind: pa.DataType) -> bool:

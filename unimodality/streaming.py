@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,17 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from unimodality.datamodule import GROUP, check_sizes, take_rows
-from unimodality.sources import AnnDataSource, DataError, Matrix, ModalitySource
+from unimodality.files import atomic_write
+from unimodality.sources import (
+    AnnDataSource,
+    DataError,
+    Matrix,
+    ModalitySource,
+    bad_entries,
+    check_feature_columns,
+    column_as_float32,
+    non_finite_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,24 @@ def cache_root() -> Path:
     """Where converted tables are cached: ``$UNIMODALITY_CACHE_DIR`` or ``~/.cache/unimodality/streaming``."""
     root = os.environ.get("UNIMODALITY_CACHE_DIR")
     return Path(root) if root else Path.home() / ".cache" / "unimodality" / "streaming"
+
+
+def cache_folder(cache_dir: str | Path | None = None) -> Path:
+    """The cache folder (``cache_dir``, else :func:`cache_root`), created if missing; refused with a message
+    when it cannot be created or written."""
+    folder = Path(cache_dir) if cache_dir is not None else cache_root()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a read-only filesystem, a parent that is a file, no permission
+        raise DataError(_unwritable(folder, error.strerror or str(error))) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(_unwritable(folder, "permission denied"))
+    return folder
+
+
+def _unwritable(folder: Path, reason: str) -> str:
+    return (f"streaming cache folder {folder} is not writable ({reason}); choose another with --data.cache_dir "
+            "or the UNIMODALITY_CACHE_DIR environment variable")
 
 
 # -- stores: row ranges of one file ---------------------------------------------------------------------
@@ -216,46 +243,80 @@ class NpyStore(RowStore):
         return state
 
 
+#: raised when what a cache holds changes (2: feature columns checked as in memory, NaN and inf refused)
+CACHE_FORMAT = 2
+
+
 def table_cache(source: ModalitySource, cache_dir: str | Path | None = None, chunk_rows: int = 65536) -> Path:
     """The ``.npy`` cache of a table source's feature columns, built (atomically) if missing or stale.
 
     The cache is keyed by the file's path and valid while the file's size and modification time and the
-    selected feature names are those it was built from.
+    selected feature names are those it was built from. The columns get the checks of a table read into
+    memory: numeric types only, and no NaN or infinite value (nulls included), reported with file rows.
     """
-    import pyarrow.parquet as pq
-
     file = source.file.resolve()
     names = source.feature_names()
     stat = file.stat()
     fingerprint = {"file": str(file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                   "features": hashlib.sha1("\n".join(names).encode()).hexdigest(), "n_features": len(names)}
-    folder = Path(cache_dir) if cache_dir is not None else cache_root()
-    folder.mkdir(parents=True, exist_ok=True)
+                   "features": hashlib.sha1("\n".join(names).encode()).hexdigest(), "n_features": len(names),
+                   "format": CACHE_FORMAT}
+    folder = cache_folder(cache_dir)
     stem = f"{file.stem}-{hashlib.sha1(str(file).encode()).hexdigest()[:12]}"
     target, meta = folder / f"{stem}.npy", folder / f"{stem}.json"
-    if target.is_file() and meta.is_file() and json.loads(meta.read_text()) == fingerprint:
+    if target.is_file() and _read_fingerprint(meta) == fingerprint:
         return target
     log.info("converting the feature columns of %s to a row-major cache %s (once)", file, target)
-    n_rows = source.num_rows()
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".npy", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
     try:
-        out = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float32, shape=(n_rows, len(names)))
-        if file.suffix in (".parquet", ".pq"):
-            start = 0
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=chunk_rows, columns=names):
-                block = np.column_stack([c.to_numpy(zero_copy_only=False) for c in batch.columns])
-                out[start:start + len(block)] = block
-                start += len(block)
-        else:  # text tables are read whole anyway
-            out[:] = source._read_raw(None)
-        out.flush()
-        del out
-        os.replace(tmp_path, target)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-    meta.write_text(json.dumps(fingerprint))
+        atomic_write(target, lambda tmp: _write_cache(source, file, names, tmp, chunk_rows))
+        # after the matrix: a fingerprint never describes a matrix not yet in place
+        atomic_write(meta, lambda tmp: tmp.write_text(json.dumps(fingerprint)))
+    except PermissionError as error:  # e.g. a network filesystem refusing what os.access allowed
+        if error.filename is None or Path(error.filename).parent != folder:
+            raise
+        raise DataError(_unwritable(folder, error.strerror or str(error))) from None
     return target
+
+
+def _read_fingerprint(meta: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(meta.read_text())
+    except (OSError, ValueError):  # missing, or unreadable: the cache is rebuilt
+        return None
+
+
+def _write_cache(source: ModalitySource, file: Path, names: list[str], tmp: Path, chunk_rows: int) -> None:
+    """Write the ``.npy`` with plain writes, chunk by chunk: a full disk then fails a write (reported),
+    where writing through a memory map kills the process with SIGBUS. Messages name ``source.file`` as
+    the in-memory reads do."""
+    import pyarrow.parquet as pq
+
+    if file.suffix in (".parquet", ".pq"):
+        parquet = pq.ParquetFile(file)
+        check_feature_columns(source.file, parquet.schema_arrow, names)
+        n_rows = parquet.metadata.num_rows
+        blocks = (np.column_stack([column_as_float32(c) for c in batch.columns])
+                  for batch in parquet.iter_batches(batch_size=chunk_rows, columns=names))
+    else:  # text tables are read whole anyway (and checked by the source)
+        n_rows = source.num_rows()
+        blocks = iter([source._read_raw(None)])
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+              "shape": (n_rows, len(names))}
+    bad, bad_rows, examples, start = 0, 0, [], 0
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for block in blocks:
+            block = np.ascontiguousarray(block, dtype=np.float32).reshape(-1, len(names))
+            rows, cols = bad_entries(block, None, np.isfinite)
+            if len(rows):  # counted over the whole file, as when it is read into memory
+                bad, bad_rows = bad + len(rows), bad_rows + len(np.unique(rows))
+                examples += [(start + r, names[c]) for r, c in zip(rows[:5], cols[:5])][:5 - len(examples)]
+            elif not bad:
+                f.write(block.data)
+            start += len(block)
+    if bad:
+        raise non_finite_error(source.file, bad, bad_rows, examples)
+    if start != n_rows:
+        raise DataError(f"{source.file}: {start} rows read, {n_rows} expected; the file changed while it was read")
 
 
 def open_store(source: ModalitySource, cache_dir: str | Path | None = None) -> RowStore:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import warnings
 from pathlib import Path
@@ -12,9 +11,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from unimodality import trust
 from unimodality.datamodule import INDEX, DataModule, check_sizes, collate_batch, take_rows
+from unimodality.errors import DataError
 from unimodality.example_data import resolve_path
-from unimodality.outputs import check_output_path, write_embeddings
+from unimodality.outputs import OBSM_KEY, check_output_path, write_embeddings
+from unimodality.paths import same_file
 from unimodality.sources import AnnDataSource, Matrix, ModalitySource, TableSource, align_features, source_for
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,9 @@ class EmbedDataModule(DataModule):
             stem = file.name.split(".")[0]
             output = str(Path.cwd() / f"{stem}_embeddings{suffix}")
         self.output = check_output_path(output, overwrite=overwrite)
+        if same_file(self.output, file):
+            raise DataError(f"output {output} is the input file {path}: predict never writes over its input, even "
+                            "with --data.overwrite true; choose another --data.output")
         self.written: Path | None = None
         self.dataset: EmbedDataset | None = None
         self.source: ModalitySource | None = None
@@ -152,8 +157,9 @@ class EmbedDataModule(DataModule):
             raise RuntimeError("the model has no data schema: predict with a checkpoint of a trained model")
         name = self._choose(schema)
         entry = schema[name]
-        module, cls_name = entry["class_path"].rsplit(".", 1)
-        source_cls = getattr(importlib.import_module(module), cls_name)
+        cls_name = entry["class_path"].rsplit(".", 1)[-1]
+        source_cls = trust.check_class(entry["class_path"], "source", "the checkpoint", f"schema.{name}.class_path",
+                                       imports=False)
         unknown = sorted(set(self.source_options) - set(entry["init_args"]))
         if unknown:
             raise ValueError(
@@ -165,12 +171,30 @@ class EmbedDataModule(DataModule):
         usable = self.source.usable_rows()  # rows a source cannot use (and was told to drop) get no embedding
         rows = np.arange(n_rows) if usable is None else np.flatnonzero(usable)
         rows = rows[:self.n_samples]
+        if not len(rows):
+            raise DataError(f"{self.source.file}: has no rows to embed ({n_rows} rows"
+                            f"{', none usable' if n_rows else ''}); nothing written")
+        self._check_output_columns()
         if self.streaming:
             features = self._streamed(entry["features"])
         else:
             features = self.source.read_features(rows, align_to=entry["features"], empty_rows="warn")
         self.dataset = EmbedDataset(name, features, rows)
         log.info("embedding %d of %d rows of %s with the %r tower", len(rows), n_rows, self.path, name)
+
+    def _check_output_columns(self) -> None:
+        """Columns the output adds must not be in the input's metadata (found before embedding, not after)."""
+        if self.output.suffix != ".parquet":
+            return
+        metadata = self.source.read_metadata().columns
+        taken = [c for c in metadata if c == "obs_names" and self.source.file.name.endswith(".h5ad")]
+        taken += [c for c in metadata if str(c).startswith(f"{OBSM_KEY}_")]
+        if taken:
+            raise DataError(
+                f"{self.source.file}: has metadata column(s) {taken[:5]}, names the parquet output gives to "
+                f"{'the obs index and ' if 'obs_names' in taken else ''}the embedding columns ({OBSM_KEY}_<i>); "
+                "rename them, or write an .h5ad output"
+            )
 
     def _streamed(self, align_to: list[str]) -> StreamedRows:
         from unimodality.streaming import H5Store, NpyStore, table_cache

@@ -18,6 +18,8 @@ from unimodality.streaming import Partner, StreamingDataset, open_store
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+#: significant digits of floating-point key values (see PairedDataModule's ``key_digits``)
+KEY_DIGITS = 6
 
 
 @dataclass
@@ -119,6 +121,12 @@ class PairedDataModule(SplitDataModule):
         buffer_batches: batches per shuffle buffer when streaming (memory: about one buffer per worker).
         cache_dir: where tables are cached for streaming (default ``$UNIMODALITY_CACHE_DIR`` or
             ``~/.cache/unimodality/streaming``).
+        key_digits: numeric (floating-point) key values are compared rounded to this many significant digits,
+            so a concentration stored as float32 in one file and float64 in another (0.1 vs
+            0.10000000149) is one key; ``None`` compares them exactly.
+        max_unmatched: the largest share of any modality's rows whose key is absent from another modality;
+            more stops with an error showing unmatched keys of each side (a key written differently in
+            two files otherwise silently loses rows). ``1.0`` allows any share.
     """
 
     def __init__(
@@ -138,9 +146,17 @@ class PairedDataModule(SplitDataModule):
         block_size: int = 64,
         buffer_batches: int = 16,
         cache_dir: str | None = None,
+        key_digits: int | None = KEY_DIGITS,
+        max_unmatched: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if key_digits is not None and key_digits < 1:
+            raise ValueError(f"PairedDataModule: key_digits must be at least 1 (or null), got {key_digits}")
+        if not 0 <= max_unmatched <= 1:
+            raise ValueError(f"PairedDataModule: max_unmatched is a share of rows, from 0 to 1; got {max_unmatched}")
+        self.key_digits = key_digits
+        self.max_unmatched = max_unmatched
         self.set_loading(batch_size, eval_batch_size, num_workers, pin_memory, streaming, block_size, buffer_batches,
                          cache_dir)
         if len(modalities) < 2:
@@ -173,7 +189,8 @@ class PairedDataModule(SplitDataModule):
     # -- pairing and splits ------------------------------------------------------------------------
     def _index(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list[tuple]]:
         """Group id of every row per modality, shared group ids, their split, and the key values."""
-        metas = {name: read_keys(source, self.keys, self.split_column) for name, source in self.sources.items()}
+        metas = {name: read_keys(source, self.keys, self.split_column, self.key_digits)
+                 for name, source in self.sources.items()}
         stacked = pd.concat([m[self.keys] for m in metas.values()], ignore_index=True)
         codes, uniques = pd.MultiIndex.from_frame(stacked).factorize()
         uniques = [plain_key(u) for u in uniques]  # np.float64(1.0) -> 1.0 in messages
@@ -196,13 +213,33 @@ class PairedDataModule(SplitDataModule):
                 f"no key {self.keys} is present in every modality ({counts}); {examples}. "
                 "Check the key columns and their types (e.g. 1 vs 1.0, trailing spaces)."
             )
-        for name, codes_m in row_codes.items():
-            dropped = (~np.isin(codes_m, list(shared)) & (codes_m >= 0)).sum()
-            if dropped:
-                log.warning("modality %r: %d rows have a key absent from another modality; ignored", name, dropped)
         shared_codes = np.array(sorted(shared), dtype=np.int64)
+        self._check_unmatched(row_codes, shared_codes, uniques)
         split = self._splits(metas, row_codes, shared_codes, uniques)
         return row_codes, shared_codes, split, [tuple(u) for u in uniques]
+
+    def _check_unmatched(self, row_codes: dict[str, np.ndarray], shared: np.ndarray, uniques: list[tuple]) -> None:
+        """Rows whose key no other modality has are left out: logged, and an error past ``max_unmatched``."""
+        unmatched = {name: ~np.isin(codes, shared) & (codes >= 0) for name, codes in row_codes.items()}
+        too_many = [name for name, mask in unmatched.items()
+                    if mask.sum() > self.max_unmatched * max(1, (row_codes[name] >= 0).sum())]
+        for name, mask in unmatched.items():
+            if mask.any():
+                log.warning("modality %r: %d of %d rows have a key absent from another modality; left out", name,
+                            mask.sum(), len(mask))
+        if not too_many:
+            return
+        examples = "; ".join(
+            f"{name} ({self.sources[name].file.name}): {mask.sum()} of {len(mask)} rows, e.g. "
+            f"{[uniques[c] for c in pd.unique(row_codes[name][mask])[:3]]}"
+            for name, mask in unmatched.items() if mask.any()
+        )
+        raise DataError(
+            f"keys {self.keys}: rows without a partner in another modality exceed data.max_unmatched="
+            f"{self.max_unmatched} in {too_many}: {examples}. Check how the keys are written in each file (types, "
+            "spelling, precision: numeric keys are compared to data.key_digits significant digits); set "
+            "data.max_unmatched 1.0 to train on the matched rows anyway"
+        )
 
     def _splits(self, metas, row_codes, shared_codes, uniques) -> np.ndarray:
         if self.split_column is None:
@@ -247,6 +284,10 @@ class PairedDataModule(SplitDataModule):
             codes = shared_codes[split == s]  # sorted, as shared_codes is
             if len(codes) == 0:
                 continue
+            if s != "train" and len(codes) == 1:
+                log.warning("the %r split holds a single perturbation %s: its retrieval metrics are 1.0 by "
+                            "construction (chance is 1.0 too); hold out more perturbations to measure retrieval",
+                            s, tuple(self.keys))
             members = {name: members_of(codes, c) for name, c in local_codes.items()}
             self.datasets[s] = PairedDataset(features, members, codes, random=(s == "train"))
         sizes = ", ".join(
@@ -310,23 +351,42 @@ def check_fractions(owner: str, val_fraction: float, test_fraction: float) -> No
         raise ValueError(f"{owner}: need 0 <= val_fraction, test_fraction and their sum < 1")
 
 
-def read_keys(source: ModalitySource, keys: list[str], split_column: str | None) -> pd.DataFrame:
-    """The key columns of a source (renamed to ``keys``) and its split column when it has one.
+def read_keys(
+    source: ModalitySource, keys: list[str], split_column: str | None, digits: int | None = KEY_DIGITS
+) -> pd.DataFrame:
+    """The key columns of a source (renamed to ``keys``, floating-point ones in canonical form, see
+    :func:`canonical_keys`) and its split column when it has one.
 
-    Rows missing a key value are an error naming the file and rows.
+    A file without rows, and rows missing a key value, are errors naming the file (and rows).
     """
     own = source.key_columns or keys
     columns = list(own)
     if split_column is not None and split_column in source.read_metadata().columns:
         columns.append(split_column)
     meta = source.read_metadata(columns).rename(columns=dict(zip(own, keys)))
+    if meta.empty:
+        raise DataError(f"{source.file}: has no rows")
     missing = meta[keys].isna().any(axis=1).to_numpy()
     if missing.any():
         raise DataError(
             f"{source.file}: {missing.sum()} rows have no value in key column(s) {own} "
             f"(e.g. rows {np.flatnonzero(missing)[:5].tolist()})"
         )
-    return meta.reset_index(drop=True)
+    return canonical_keys(meta.reset_index(drop=True), keys, digits)
+
+
+def canonical_keys(meta: pd.DataFrame, keys: list[str], digits: int | None) -> pd.DataFrame:
+    """Floating-point key columns rounded to ``digits`` significant digits (``None``: left as they are), so
+    that one value stored at two precisions is one key."""
+    if digits is None:
+        return meta
+    for key in keys:
+        if pd.api.types.is_float_dtype(meta[key]):
+            values = meta[key].to_numpy(dtype=np.float64)
+            unique, inverse = np.unique(values, return_inverse=True)  # few distinct doses: round each once
+            rounded = np.array([float(f"{v:.{digits}g}") for v in unique.tolist()], dtype=np.float64)
+            meta[key] = rounded[inverse.ravel()]
+    return meta
 
 
 def held_out_split(n: int, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:

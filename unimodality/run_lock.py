@@ -1,0 +1,57 @@
+"""One run at a time in a run directory: an OS-level lock held while ``fit`` runs.
+
+Two ``fit`` processes writing one run directory would mix their config, checkpoints and metrics. The lock
+is a POSIX record lock (``fcntl.lockf``, which NFS and Lustre support) on ``.<run dir name>.lock`` beside the
+run directory (inside it, loggers would take it for an earlier run's files): the operating system releases it
+when the process ends, however it ends, so a killed run leaves no stale lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+from typing import IO
+
+from unimodality.errors import DataError
+
+_held: dict[Path, IO[str]] = {}
+
+
+class RunDirectoryInUse(DataError):
+    """Another running process holds the run directory."""
+
+
+def lock_run_directory(run_dir: str | Path, hint: str = "") -> Path:
+    """Lock ``run_dir`` for this process, or fail at once if another process holds it."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held:
+        return run_dir
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir.parent / f".{run_dir.name}.lock", "a+")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunDirectoryInUse(
+            f"run directory {run_dir} is in use by {holder}: wait for that run to end{hint}"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"fit pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _held[run_dir] = handle
+    return run_dir
+
+
+def claim_new_directory(parent: Path, name: str) -> bool:
+    """Create ``parent/name``, which must not exist yet; ``False`` when another process created it first."""
+    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        (parent / name).mkdir()
+    except FileExistsError:
+        return False
+    return True
