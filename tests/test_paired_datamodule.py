@@ -7,8 +7,8 @@ batch can be checked against the ground truth: both modalities of a pair must ca
 from __future__ import annotations
 
 import logging
-import re
 import pickle
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -605,3 +605,67 @@ def test_dataset_pickles_and_workers(paired):
     plain = DataLoader(restored, batch_size=5, num_workers=2, collate_fn=collate_batch)
     assert sum(len(b[GROUP]) for b in plain) == len(restored)
     del loader, batches
+
+
+# -- splits by named values (held-out experiments) --------------------------------------------------------
+
+@pytest.fixture
+def experiments(tmp_path, example_data_dir):
+    """The example files with an ``experiment_id`` column: train rows in EXP1-3, val in EXP7, test in EXP8."""
+    tx = ad.read_h5ad(resolve_path("example://transcriptomics.h5ad"))
+    ph = pd.read_parquet(resolve_path("example://phenomics.parquet"))
+    name = {"val": "EXP7", "test": "EXP8"}
+    for frame in (tx.obs, ph):
+        rows = np.arange(len(frame))
+        frame["experiment_id"] = [name.get(s, f"EXP{1 + r % 3}") for s, r in zip(frame["split"], rows)]
+    return tx, ph, tmp_path
+
+
+def experiment_dm(tx, ph, folder, **kwargs) -> PairedDataModule:
+    tx.write_h5ad(folder / "tx.h5ad")
+    ph.to_parquet(folder / "ph.parquet")
+    return PairedDataModule(
+        modalities={"tx": AnnDataSource(str(folder / "tx.h5ad")),
+                    "ph": TableSource(str(folder / "ph.parquet"), feature_prefix="feat_")},
+        keys=["smiles", "concentration"], batch_size=32, **kwargs,
+    )
+
+
+def test_named_experiments_held_out_give_the_split_columns_splits(experiments):
+    tx, ph, folder = experiments
+    by_name = experiment_dm(tx, ph, folder, split_column="experiment_id",
+                            split_values={"val": ["EXP7"], "test": ["EXP8"]})
+    by_label = experiment_dm(tx, ph, folder, split_column="split")
+    for dm in (by_name, by_label):
+        dm.setup("fit")
+        dm.setup("test")
+    for split in ("train", "val", "test"):
+        assert np.array_equal(np.unique(by_name.datasets[split].groups), np.unique(by_label.datasets[split].groups))
+    assert len(np.unique(by_name.datasets["val"].groups)) > 1
+
+
+def test_a_perturbation_in_a_held_out_and_a_training_experiment_is_an_error(experiments):
+    tx, ph, folder = experiments
+    val_row = int(np.flatnonzero(ph["experiment_id"] == "EXP7")[0])
+    ph.loc[val_row, "experiment_id"] = "EXP1"  # one replicate of a val perturbation measured in a train experiment
+    dm = experiment_dm(tx, ph, folder, split_column="experiment_id", split_values={"val": ["EXP7"]})
+    with pytest.raises(DataError, match=r"more than one split"):
+        dm.setup("fit")
+
+
+def test_a_held_out_value_found_nowhere_is_an_error(experiments):
+    tx, ph, folder = experiments
+    dm = experiment_dm(tx, ph, folder, split_column="experiment_id", split_values={"val": ["EXP77"]})
+    with pytest.raises(DataError, match=r"split_values names \['EXP77'\], found in no row of column 'experiment_id'"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"split_values": {"val": ["EXP7"]}}, "needs split_column"),
+    ({"split_column": "experiment_id", "split_values": {"holdout": ["EXP7"]}}, r"names \['holdout'\]"),
+    ({"split_column": "experiment_id", "split_values": {"val": ["EXP7"], "test": ["EXP7"]}}, "both val and test"),
+])
+def test_split_values_settings_are_checked(experiments, options, message):
+    tx, ph, folder = experiments
+    with pytest.raises(ValueError, match=message):
+        experiment_dm(tx, ph, folder, **options)

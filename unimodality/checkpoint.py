@@ -6,9 +6,7 @@ run code when it is loaded, so a checkpoint holding other objects is refused rat
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any

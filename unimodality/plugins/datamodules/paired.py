@@ -12,14 +12,23 @@ import torch
 from torch.utils.data import Dataset
 
 from unimodality.datamodule import GROUP, INDEX, SplitDataModule, take_rows
-from unimodality.sources import DataError, Matrix, ModalitySource
+from unimodality.errors import DataError
+from unimodality.sources import Matrix, ModalitySource
+from unimodality.splits import (
+    KEY_DIGITS,
+    check_fractions,
+    check_named_values_found,
+    check_split_values_option,
+    held_out_split,
+    named_splits,
+    plain_key,
+    read_keys,
+    split_of_keys,
+)
 from unimodality.streaming import Partner, StreamingDataset, open_store
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-#: significant digits of floating-point key values (see PairedDataModule's ``key_digits``)
-KEY_DIGITS = 6
 
 
 @dataclass
@@ -102,7 +111,10 @@ class PairedDataModule(SplitDataModule):
     Args:
         modalities: one source per modality, by modality name (``tx``, ``ph``, ...).
         keys: the key columns that pair rows across modalities.
-        split_column: column holding each row's split; ``None`` draws held-out fractions of keys instead.
+        split_column: column holding each row's split (``train``/``val``/``test``, or with ``split_values``
+            named values such as experiment ids); ``None`` draws held-out fractions of keys instead.
+        split_values: the values of ``split_column`` held out per split, e.g. ``{val: [EXP7], test: [EXP8,
+            EXP9]}``; rows of every other value train. A listed value found in no file is an error.
         val_fraction: fraction of keys held out for validation (without a split column).
         test_fraction: fraction of keys held out for testing (without a split column).
         seed: seed of the held-out draw.
@@ -134,6 +146,7 @@ class PairedDataModule(SplitDataModule):
         modalities: dict[str, ModalitySource],
         keys: list[str],
         split_column: str | None = None,
+        split_values: dict[str, list[str | int | float]] | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
@@ -164,6 +177,7 @@ class PairedDataModule(SplitDataModule):
         if not keys:
             raise ValueError("PairedDataModule: keys must name at least one key column")
         check_fractions("PairedDataModule", val_fraction, test_fraction)
+        check_split_values_option("PairedDataModule", split_column, split_values)
         for name, source in modalities.items():
             if source.key_columns is not None and len(source.key_columns) != len(keys):
                 raise ValueError(
@@ -172,6 +186,7 @@ class PairedDataModule(SplitDataModule):
         self.sources = modalities
         self.keys = list(keys)
         self.split_column = split_column
+        self.split_values = split_values
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
@@ -248,9 +263,12 @@ class PairedDataModule(SplitDataModule):
         if not with_split:
             files = ", ".join(str(s.file) for s in self.sources.values())
             raise DataError(f"split column {self.split_column!r} is in none of the files ({files})")
-        labelled = [
-            (self.sources[name].file, row_codes[name], metas[name][self.split_column]) for name in with_split
-        ]
+        labels = {name: metas[name][self.split_column] for name in with_split}
+        if self.split_values is not None:
+            check_named_values_found(self.split_values, self.split_column, labels.values(),
+                                     ", ".join(str(self.sources[n].file) for n in with_split))
+            labels = {name: named_splits(values, self.split_values) for name, values in labels.items()}
+        labelled = [(self.sources[name].file, row_codes[name], labels[name]) for name in with_split]
         return split_of_keys(labelled, self.split_column, shared_codes, self.keys, uniques)
 
     # -- Lightning hooks ---------------------------------------------------------------------------
@@ -341,102 +359,3 @@ def members_of(codes: np.ndarray, row_codes: np.ndarray) -> Members:
     inside = codes[position] == row_codes
     m = Members.from_codes(position[inside], len(codes))
     return Members(m.offsets, np.flatnonzero(inside)[m.rows])
-
-
-
-# -- shared with other datamodules (SingleDataModule): keys and splits ---------------------------
-
-def check_fractions(owner: str, val_fraction: float, test_fraction: float) -> None:
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise ValueError(f"{owner}: need 0 <= val_fraction, test_fraction and their sum < 1")
-
-
-def read_keys(
-    source: ModalitySource, keys: list[str], split_column: str | None, digits: int | None = KEY_DIGITS
-) -> pd.DataFrame:
-    """The key columns of a source (renamed to ``keys``, floating-point ones in canonical form, see
-    :func:`canonical_keys`) and its split column when it has one.
-
-    A file without rows, and rows missing a key value, are errors naming the file (and rows).
-    """
-    own = source.key_columns or keys
-    columns = list(own)
-    if split_column is not None and split_column in source.read_metadata().columns:
-        columns.append(split_column)
-    meta = source.read_metadata(columns).rename(columns=dict(zip(own, keys)))
-    if meta.empty:
-        raise DataError(f"{source.file}: has no rows")
-    missing = meta[keys].isna().any(axis=1).to_numpy()
-    if missing.any():
-        raise DataError(
-            f"{source.file}: {missing.sum()} rows have no value in key column(s) {own} "
-            f"(e.g. rows {np.flatnonzero(missing)[:5].tolist()})"
-        )
-    return canonical_keys(meta.reset_index(drop=True), keys, digits)
-
-
-def canonical_keys(meta: pd.DataFrame, keys: list[str], digits: int | None) -> pd.DataFrame:
-    """Floating-point key columns rounded to ``digits`` significant digits (``None``: left as they are), so
-    that one value stored at two precisions is one key."""
-    if digits is None:
-        return meta
-    for key in keys:
-        if pd.api.types.is_float_dtype(meta[key]):
-            values = meta[key].to_numpy(dtype=np.float64)
-            unique, inverse = np.unique(values, return_inverse=True)  # few distinct doses: round each once
-            rounded = np.array([float(f"{v:.{digits}g}") for v in unique.tolist()], dtype=np.float64)
-            meta[key] = rounded[inverse.ravel()]
-    return meta
-
-
-def held_out_split(n: int, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    """Split of ``n`` items (keys, or rows): seeded held-out fractions for val and test, the rest train."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    n_val = _held_out(val_fraction, n)
-    n_test = _held_out(test_fraction, n)
-    split = np.full(n, "train", dtype=object)
-    split[order[:n_val]] = "val"
-    split[order[n_val:n_val + n_test]] = "test"
-    return split
-
-
-def check_split_values(file: Any, column: str, values: pd.Series) -> None:
-    bad = ~values.isin(SPLITS)
-    if bad.any():
-        raise DataError(
-            f"{file}: column {column!r} must hold train, val or test; "
-            f"found {sorted(map(str, values[bad].unique()))[:5]} in {bad.sum()} rows"
-        )
-
-
-def split_of_keys(
-    labelled: list[tuple[Any, np.ndarray, pd.Series]], column: str, codes: np.ndarray, keys: list[str],
-    uniques: list[tuple],
-) -> np.ndarray:
-    """The split of each key of ``codes`` from split columns: ``(file, key code per row, split per row)``.
-
-    A key found in two splits is an error.
-    """
-    frames = []
-    for file, row_codes, values in labelled:
-        check_split_values(file, column, values)
-        frames.append(pd.DataFrame({"code": row_codes, "split": values.to_numpy()}))
-    per_key = pd.concat(frames).drop_duplicates().groupby("code")["split"].agg(list)
-    conflicts = per_key[per_key.map(len) > 1]
-    if len(conflicts):
-        code = conflicts.index[0]
-        raise DataError(
-            f"{len(conflicts)} keys appear in more than one split, e.g. {dict(zip(keys, uniques[code]))} "
-            f"in {sorted(conflicts.iloc[0])}: a perturbation must belong to one split only"
-        )
-    return per_key.reindex(codes).map(lambda s: s[0] if isinstance(s, list) else "train").to_numpy()
-
-
-def plain_key(values: tuple) -> tuple:
-    """Key values as plain Python scalars (np.float64(1.0) -> 1.0 in messages)."""
-    return tuple(v.item() if isinstance(v, np.generic) else v for v in values)
-
-
-def _held_out(fraction: float, n: int) -> int:
-    return 0 if fraction == 0 else max(1, int(round(fraction * n)))

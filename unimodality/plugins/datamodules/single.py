@@ -11,15 +11,19 @@ import torch
 from torch.utils.data import Dataset
 
 from unimodality.datamodule import GROUP, SplitDataModule, take_rows
-from unimodality.plugins.datamodules.paired import (
+from unimodality.errors import DataError
+from unimodality.sources import Matrix, ModalitySource
+from unimodality.splits import (
     check_fractions,
+    check_named_values_found,
     check_split_values,
+    check_split_values_option,
     held_out_split,
+    named_splits,
     plain_key,
     read_keys,
     split_of_keys,
 )
-from unimodality.sources import DataError, Matrix, ModalitySource
 from unimodality.streaming import StreamingDataset, open_store
 
 log = logging.getLogger(__name__)
@@ -66,7 +70,10 @@ class SingleDataModule(SplitDataModule):
         source: the file and how to read it.
         modality: the modality's name: the batch key, and the name the model's schema records.
         keys: the key columns naming each row's perturbation; ``None``: rows are independent samples.
-        split_column: column holding each row's split; ``None`` draws held-out fractions instead.
+        split_column: column holding each row's split (``train``/``val``/``test``, or with ``split_values``
+            named values such as experiment ids); ``None`` draws held-out fractions instead.
+        split_values: the values of ``split_column`` held out per split, e.g. ``{val: [EXP7], test: [EXP8]}``;
+            rows of every other value train. A listed value found in no row is an error.
         val_fraction: fraction of keys (or rows) held out for validation (without a split column).
         test_fraction: fraction of keys (or rows) held out for testing (without a split column).
         seed: seed of the held-out draw.
@@ -90,6 +97,7 @@ class SingleDataModule(SplitDataModule):
         modality: str = "x",
         keys: list[str] | None = None,
         split_column: str | None = None,
+        split_values: dict[str, list[str | int | float]] | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
@@ -107,6 +115,7 @@ class SingleDataModule(SplitDataModule):
         self.set_loading(batch_size, eval_batch_size, num_workers, pin_memory, streaming, block_size, buffer_batches,
                          cache_dir)
         check_fractions("SingleDataModule", val_fraction, test_fraction)
+        check_split_values_option("SingleDataModule", split_column, split_values)
         if keys is not None and not keys:
             raise ValueError("SingleDataModule: keys must name at least one key column, or be left unset")
         if keys is not None and source.key_columns is not None and len(source.key_columns) != len(keys):
@@ -115,6 +124,7 @@ class SingleDataModule(SplitDataModule):
         self.modality = modality
         self.keys = list(keys) if keys is not None else None
         self.split_column = split_column
+        self.split_values = split_values
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
@@ -132,7 +142,7 @@ class SingleDataModule(SplitDataModule):
             groups = np.arange(n, dtype=np.int64)
             if self.split_column is None:
                 return groups, held_out_split(n, self.val_fraction, self.test_fraction, self.seed)
-            values = self._split_values()
+            values = self._labels(self._split_values())
             check_split_values(self.source.file, self.split_column, values)
             return groups, values.to_numpy(dtype=object)
         meta = read_keys(self.source, self.keys, self.split_column)
@@ -145,9 +155,16 @@ class SingleDataModule(SplitDataModule):
             if self.split_column not in meta.columns:
                 raise DataError(f"{self.source.file}: split column {self.split_column!r} not found")
             uniques = [plain_key(u) for u in uniques]
-            labelled = [(self.source.file, codes, meta[self.split_column])]
+            labelled = [(self.source.file, codes, self._labels(meta[self.split_column]))]
             key_split = split_of_keys(labelled, self.split_column, all_codes, self.keys, uniques)
         return codes, key_split[codes]
+
+    def _labels(self, values: pd.Series) -> pd.Series:
+        """Split labels from the split column: as they are, or from named values (``split_values``)."""
+        if self.split_values is None:
+            return values
+        check_named_values_found(self.split_values, self.split_column, [values], str(self.source.file))
+        return named_splits(values, self.split_values)
 
     def _split_values(self) -> pd.Series:
         if self.split_column not in self.source.read_metadata().columns:
