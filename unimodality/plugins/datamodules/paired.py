@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from unimodality.datamodule import GROUP, INDEX, SplitDataModule, take_rows
+from unimodality.datamodule import GROUP, INDEX, SplitDataModule, check_sizes, collate_batch, take_rows
 from unimodality.errors import DataError
+from unimodality.sampling import BatchesOf, ReplicateBatchSampler
 from unimodality.sources import Matrix, ModalitySource
 from unimodality.splits import (
     KEY_DIGITS,
@@ -83,10 +84,17 @@ class PairedDataset(Dataset):
         if self.random:
             keys = indices
             draw = torch.rand(len(self.members), len(indices), dtype=torch.float64).numpy()
-            rows = {
-                name: m.rows[m.offsets[keys] + (draw[i] * m.counts()[keys]).astype(np.int64)]
-                for i, (name, m) in enumerate(self.members.items())
-            }
+            # a key repeated in the batch (replicates_per_key) gets consecutive replicates from one random start:
+            # distinct ones while it has enough
+            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            order = np.argsort(inverse, kind="stable")
+            occurrence = np.empty(len(keys), dtype=np.int64)  # 0 for a key's first place in the batch, 1, ...
+            occurrence[order] = np.arange(len(keys)) - np.searchsorted(inverse[order], inverse[order])
+            rows = {}
+            for i, (name, m) in enumerate(self.members.items()):
+                counts = m.counts()[keys]
+                start = (draw[i][first][inverse] * counts).astype(np.int64)
+                rows[name] = m.rows[m.offsets[keys] + (start + occurrence) % counts]
         else:
             keys = self._pair_key[indices]
             rows = {name: r[indices] for name, r in self._pair_rows.items()}
@@ -118,7 +126,12 @@ class PairedDataModule(SplitDataModule):
         val_fraction: fraction of keys held out for validation (without a split column).
         test_fraction: fraction of keys held out for testing (without a split column).
         seed: seed of the held-out draw.
-        batch_size: training batch size (perturbations per step).
+        batch_size: training batch size (examples per step and process).
+        replicates_per_key: replicate pairs of each drawn perturbation in a training batch (``batch_size`` must
+            be a multiple): with ``k > 1`` a loss with ``use_groups`` sees positives within a modality too.
+            Perturbations are distinct across all processes of a step; every process has as many steps.
+        examples_per_key: how often each perturbation is drawn per epoch, each time with fresh replicates
+            (oversampling: an epoch is that many passes over the perturbations).
         eval_batch_size: validation/test batch size (default: ``batch_size``).
         num_workers: DataLoader worker processes.
         pin_memory: pin batches for faster host-to-GPU copies.
@@ -159,6 +172,8 @@ class PairedDataModule(SplitDataModule):
         block_size: int = 64,
         buffer_batches: int = 16,
         cache_dir: str | None = None,
+        replicates_per_key: int = 1,
+        examples_per_key: int = 1,
         key_digits: int | None = KEY_DIGITS,
         max_unmatched: float = 0.1,
     ) -> None:
@@ -169,6 +184,15 @@ class PairedDataModule(SplitDataModule):
         if not 0 <= max_unmatched <= 1:
             raise ValueError(f"PairedDataModule: max_unmatched is a share of rows, from 0 to 1; got {max_unmatched}")
         self.key_digits = key_digits
+        check_sizes("PairedDataModule", replicates_per_key=replicates_per_key, examples_per_key=examples_per_key)
+        if batch_size % replicates_per_key:
+            raise ValueError(f"PairedDataModule: batch_size={batch_size} must be a multiple of replicates_per_key="
+                             f"{replicates_per_key} (each drawn perturbation fills {replicates_per_key} places)")
+        if streaming and (replicates_per_key > 1 or examples_per_key > 1):
+            raise ValueError("PairedDataModule: replicates_per_key and examples_per_key draw perturbations in memory; "
+                             "with streaming every row of the streamed file is an example once per epoch")
+        self.replicates_per_key = replicates_per_key
+        self.examples_per_key = examples_per_key
         self.max_unmatched = max_unmatched
         self.set_loading(batch_size, eval_batch_size, num_workers, pin_memory, streaming, block_size, buffer_batches,
                          cache_dir)
@@ -314,6 +338,23 @@ class PairedDataModule(SplitDataModule):
             for s in wanted if (d := self.datasets.get(s)) is not None
         )
         log.info("PairedDataModule %s", sizes)
+
+    def train_dataloader(self) -> DataLoader | list:
+        if self.replicates_per_key == 1 and self.examples_per_key == 1 or "train" not in self.datasets:
+            return super().train_dataloader()
+        dataset = self.datasets["train"]
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ReplicateBatchSampler(dataset, self.batch_size // self.replicates_per_key, self.replicates_per_key,
+                                        self.examples_per_key, num_replicas=world, rank=rank, seed=self.seed)
+        if sampler.steps_per_pass() == 0:
+            raise DataError(
+                f"the training split has {len(dataset)} perturbations, fewer than batch_size={self.batch_size} / "
+                f"replicates_per_key={self.replicates_per_key} x {world} processes; lower data.batch_size"
+            )
+        return DataLoader(BatchesOf(dataset), batch_size=None, sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                          collate_fn=collate_batch)
 
     # -- streaming ---------------------------------------------------------------------------------------
     def streamed_modality(self) -> str:
