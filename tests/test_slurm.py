@@ -138,7 +138,8 @@ def test_a_slurm_job_trains_in_a_run_directory_named_after_it(tmp_path, monkeypa
     match = RESUMED.search(capsys.readouterr().out)
     assert match and match.group(1) == str(run_dir) and match.group(4) == "2"
     assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 4
-    assert sorted(p.name for p in Path("runs", "clip").iterdir()) == ["slurm-4242"]
+    # one run directory (beside it, the lock file the running fit held: see run_lock)
+    assert sorted(p.name for p in Path("runs", "clip").iterdir()) == [".slurm-4242.lock", "slurm-4242"]
 
 
 class SignalAt(Callback):

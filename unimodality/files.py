@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from unimodality.sources import DataError
+from unimodality.errors import DataError
 
 TEMP_MARK = ".unimodality-tmp"
 #: below this much free space a failed write is taken as the disk being full (torch reports a full disk
