@@ -57,12 +57,12 @@ def rate(step: Callable[[], Any], samples: int, repeats: int, min_seconds: float
 
 def workloads(device: str) -> dict[str, tuple[Any, torch.nn.Module, int]]:
     """name -> (store with ``take`` or a matrix, encoder, number of rows)."""
-    from unimodality.images import ImageSource
-    from unimodality.molecules import MoleculeSource
     from unimodality.plugins.encoders.cnn import CNNEncoder
     from unimodality.plugins.encoders.gnn import GNNEncoder
     from unimodality.plugins.encoders.mlp import MLPEncoder
-    from unimodality.sources import AnnDataSource
+    from unimodality.plugins.sources.anndata import AnnDataSource
+    from unimodality.plugins.sources.images import ImageSource
+    from unimodality.plugins.sources.molecules import MoleculeSource
 
     torch.manual_seed(0)
     tx = AnnDataSource("example://transcriptomics.h5ad", transform="normalize_log1p")
@@ -83,7 +83,7 @@ def workloads(device: str) -> dict[str, tuple[Any, torch.nn.Module, int]]:
 
 def featurisation_rate() -> dict[str, float]:
     """SMILES -> graphs from scratch (a new source: nothing cached), per row and per distinct molecule."""
-    from unimodality.molecules import MoleculeSource
+    from unimodality.plugins.sources.molecules import MoleculeSource
 
     source = MoleculeSource("example://transcriptomics.h5ad", smiles_column="smiles")
     rows, distinct = source.num_rows(), len(set(source.smiles()))

@@ -153,7 +153,7 @@ def in_memory(path: Path, n_batches: int, seed: int = 0) -> tuple[float, float]:
     """Random batches from the whole matrix held in RAM; returns (samples/s, bytes held)."""
     import scipy.sparse as sp
 
-    from unimodality.sources import AnnDataSource
+    from unimodality.plugins.sources.anndata import AnnDataSource
 
     matrix = AnnDataSource(str(path))._read_raw(None)
     held = matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes if sp.issparse(matrix) else matrix.nbytes
@@ -171,7 +171,7 @@ STREAM_PASS = f"""
 import json, sys, time
 BATCH = {BATCH}
 from unimodality.plugins.datamodules.single import SingleDataModule
-from unimodality.sources import source_for
+from unimodality.plugins.sources.formats import source_for
 
 def hwm():
     for line in open("/proc/self/status"):
@@ -199,7 +199,7 @@ print(json.dumps({{"rate": n / (time.perf_counter() - t), "base": base, "peak": 
 def stream_pass(path: Path, block: int, buffers: int, batches: int, cold: bool, cache: Path) -> dict:
     target = path
     if path.suffix == ".parquet":  # the streamed file is the cache; convert once before timing
-        from unimodality.sources import TableSource
+        from unimodality.plugins.sources.table import TableSource
         from unimodality.streaming import table_cache
 
         target = table_cache(TableSource(str(path), feature_prefix="feat_"), cache)

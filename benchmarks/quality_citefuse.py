@@ -81,7 +81,8 @@ CCA_PCS, CCA_COMPONENTS = 50, 20
 
 def load(data: Path) -> tuple[sp.csr_matrix, np.ndarray, list[str]]:
     """RNA (library-size normalised + log1p) and ADT (CLR) exactly as unimodality's sources read them."""
-    from unimodality.sources import AnnDataSource, TableSource
+    from unimodality.plugins.sources.anndata import AnnDataSource
+    from unimodality.plugins.sources.table import TableSource
 
     rna = AnnDataSource(str(data / "rna_counts.h5ad"), transform="normalize_log1p")
     adt = TableSource(str(data / "adt_counts.parquet"), feature_regex="^(?!barcode$)", transform="clr")
@@ -169,7 +170,8 @@ def unimodality_model(
     from unimodality.plugins.losses.clip import ClipLoss
     from unimodality.plugins.losses.hopfield import HopfieldLoss
     from unimodality.plugins.setups.cross_modal import CrossModalSetup
-    from unimodality.sources import AnnDataSource, TableSource
+    from unimodality.plugins.sources.anndata import AnnDataSource
+    from unimodality.plugins.sources.table import TableSource
 
     config = {**TRAINING, **(settings or {})}
     # the split as a column of the protein table (a split column may sit in one file only); cells left out

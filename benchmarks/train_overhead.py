@@ -48,7 +48,8 @@ from unimodality.plugins.datamodules.paired import PairedDataModule
 from unimodality.plugins.encoders.mlp import MLPEncoder
 from unimodality.plugins.losses.clip import ClipLoss
 from unimodality.plugins.setups.cross_modal import CrossModalSetup
-from unimodality.sources import AnnDataSource, TableSource
+from unimodality.plugins.sources.anndata import AnnDataSource
+from unimodality.plugins.sources.table import TableSource
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_overhead.json"
 #: encoder widths of configs/clip.yaml

@@ -5,7 +5,8 @@ from __future__ import annotations
 from lightning.pytorch import Trainer
 
 from unimodality.plugins.datamodules.paired import PairedDataModule
-from unimodality.sources import AnnDataSource, TableSource
+from unimodality.plugins.sources.anndata import AnnDataSource
+from unimodality.plugins.sources.table import TableSource
 
 
 def example_datamodule(batch_size: int = 32, **kwargs) -> PairedDataModule:

@@ -476,7 +476,8 @@ def test_metadata_columns_named_like_the_outputs_are_found_before_embedding(data
 
 def test_float32_and_float64_keys_pair_every_row(data, tmp_path):
     from unimodality.plugins.datamodules.paired import PairedDataModule
-    from unimodality.sources import AnnDataSource, TableSource
+    from unimodality.plugins.sources.anndata import AnnDataSource
+    from unimodality.plugins.sources.table import TableSource
 
     tx, table = data["tx_adata"].copy(), data["ph_table"].copy()
     tx.obs["concentration"] = tx.obs["concentration"] * 0.1  # 0.1 and 1.0, as float64
@@ -519,7 +520,8 @@ def test_a_validation_split_of_one_perturbation_warns(data, tmp_path, caplog):
     import logging
 
     from unimodality.plugins.datamodules.paired import PairedDataModule
-    from unimodality.sources import AnnDataSource, TableSource
+    from unimodality.plugins.sources.anndata import AnnDataSource
+    from unimodality.plugins.sources.table import TableSource
 
     tx, ph = data["tx_adata"].copy(), data["ph_table"].copy()
     first = (ph["smiles"] == ph["smiles"].iloc[0]) & (ph["concentration"] == ph["concentration"].iloc[0])
@@ -642,3 +644,16 @@ def test_sigterm_during_fit_saves_a_checkpoint_and_exits_143(data, tmp_path):
     saved = sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
     assert len(saved) == 1 and "stopped by SIGTERM: saved" in err and str(saved[0]) in err, err[-3000:]
     assert read_checkpoint(saved[0])["global_step"] > 0
+
+
+def test_a_checkpoint_naming_a_source_by_its_old_class_path_still_predicts(data, checkpoint, tmp_path):
+    def old_paths(content):  # as checkpoints written before the sources moved under unimodality.plugins name them
+        for name, old in (("tx", "unimodality.sources.AnnDataSource"), ("ph", "unimodality.sources.TableSource")):
+            content["hyper_parameters"]["schema"][name]["class_path"] = old
+            content["datamodule_hyper_parameters"]["modalities"][name]["class_path"] = old
+
+    older = tampered(checkpoint, tmp_path, old_paths)
+    code, printed = run(predict(older, data["ph"], "--data.output", str(tmp_path / "out.parquet")))
+    assert code == 0, printed
+    code, printed = run(["validate", "--ckpt_path", str(older), "--trainer.enable_progress_bar", "false"])
+    assert code == 0, printed

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from helpers import quiet_trainer
-from unimodality.images import ImageSource
 from unimodality.plugins.augmentations.images import ImageNoise, IntensityJitter, RandomResizedCrop
 from unimodality.plugins.datamodules.single import SingleDataModule
 from unimodality.plugins.encoders.cnn import CNNEncoder
 from unimodality.plugins.losses.ntxent import NTXentLoss
 from unimodality.plugins.setups.simclr import SimCLRSetup
+from unimodality.plugins.sources.images import ImageSource
 
 
 def write_digits(folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:

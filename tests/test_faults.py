@@ -29,8 +29,9 @@ from unimodality.cli import main
 from unimodality.plugins.encoders.mlp import MLPEncoder
 from unimodality.plugins.losses.clip import ClipLoss
 from unimodality.plugins.setups.cross_modal import CrossModalSetup
+from unimodality.plugins.sources.table import TableSource
 from unimodality.setup import NonFiniteLossError
-from unimodality.sources import DataError, TableSource
+from unimodality.sources import DataError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 #: the command-line catalogue's fixtures, used here by name

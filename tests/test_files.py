@@ -20,7 +20,8 @@ from unimodality import files
 from unimodality.checkpoint import AtomicCheckpointIO, read_checkpoint
 from unimodality.files import TEMP_MARK, atomic_write, remove_stale_temps, temp_path
 from unimodality.outputs import _atomic_write, write_embeddings, write_shard
-from unimodality.sources import DataError, TableSource
+from unimodality.plugins.sources.table import TableSource
+from unimodality.sources import DataError
 from unimodality.streaming import table_cache
 
 

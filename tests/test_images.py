@@ -21,7 +21,6 @@ from unimodality.augmentation import Compose
 from unimodality.cli import main
 from unimodality.datamodule import take_rows
 from unimodality.example_data import IMAGE_CHANNELS, resolve_path
-from unimodality.images import ImageSource, read_image_file
 from unimodality.plugins.augmentations.images import (
     ImageNoise,
     IntensityJitter,
@@ -32,6 +31,7 @@ from unimodality.plugins.augmentations.images import (
 from unimodality.plugins.augmentations.vectors import GaussianNoise
 from unimodality.plugins.datamodules.single import SingleDataModule
 from unimodality.plugins.encoders.cnn import CNNEncoder
+from unimodality.plugins.sources.images import ImageSource, read_image_file
 from unimodality.sources import DataError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -98,7 +98,7 @@ def test_statistics_are_recorded_and_reused_on_another_file(tmp_path):
     train.mkdir()
     source = npy_source(train, random_images(n=30), channels=CHANNELS, stats_sample=16)
     described = source.describe()
-    assert described["class_path"] == "unimodality.images.ImageSource"
+    assert described["class_path"] == "unimodality.plugins.sources.images.ImageSource"
     assert described["features"] == CHANNELS and described["input"] == "images"
     init_args = described["init_args"]
     assert "path" not in init_args and init_args["images"] == "{stem}_images.npy"

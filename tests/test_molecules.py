@@ -21,18 +21,19 @@ from torch_geometric.data import Batch  # noqa: E402
 
 from tests.helpers import quiet_trainer  # noqa: E402
 from unimodality.cli import main  # noqa: E402
-from unimodality.molecules import (  # noqa: E402
+from unimodality.plugins.datamodules.paired import PairedDataModule  # noqa: E402
+from unimodality.plugins.encoders.gnn import GNNEncoder  # noqa: E402
+from unimodality.plugins.encoders.mlp import MLPEncoder  # noqa: E402
+from unimodality.plugins.setups.cross_modal import CrossModalSetup  # noqa: E402
+from unimodality.plugins.sources.anndata import AnnDataSource
+from unimodality.plugins.sources.molecules import (  # noqa: E402
     ATOM_FEATURES,
     BOND_FEATURES,
     MoleculeSource,
     mol_to_graph,
     smiles_to_graph,
 )
-from unimodality.plugins.datamodules.paired import PairedDataModule  # noqa: E402
-from unimodality.plugins.encoders.gnn import GNNEncoder  # noqa: E402
-from unimodality.plugins.encoders.mlp import MLPEncoder  # noqa: E402
-from unimodality.plugins.setups.cross_modal import CrossModalSetup  # noqa: E402
-from unimodality.sources import AnnDataSource, DataError  # noqa: E402
+from unimodality.sources import DataError  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

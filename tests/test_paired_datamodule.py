@@ -25,7 +25,9 @@ from torch.utils.data import DataLoader
 from unimodality.datamodule import GROUP, collate_batch
 from unimodality.example_data import resolve_path
 from unimodality.plugins.datamodules.paired import PairedDataModule, PairedDataset
-from unimodality.sources import AnnDataSource, DataError, TableSource
+from unimodality.plugins.sources.anndata import AnnDataSource
+from unimodality.plugins.sources.table import TableSource
+from unimodality.sources import DataError
 
 KEYS = ["smiles", "concentration"]
 # feature columns: 0 = key id, 1 = replicate number, 2 = row of the file, then noise

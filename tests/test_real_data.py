@@ -10,7 +10,8 @@ from helpers import quiet_trainer
 from unimodality.plugins.datamodules.paired import PairedDataModule
 from unimodality.plugins.encoders.mlp import MLPEncoder
 from unimodality.plugins.setups.cross_modal import CrossModalSetup
-from unimodality.sources import AnnDataSource, TableSource
+from unimodality.plugins.sources.anndata import AnnDataSource
+from unimodality.plugins.sources.table import TableSource
 
 
 def test_rna_protein_retrieval_beats_chance(shared_data):

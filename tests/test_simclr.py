@@ -28,7 +28,9 @@ from unimodality.plugins.datamodules.single import SingleDataModule
 from unimodality.plugins.encoders.mlp import MLPEncoder
 from unimodality.plugins.losses.ntxent import NTXentLoss
 from unimodality.plugins.setups.simclr import SimCLRSetup
-from unimodality.sources import AnnDataSource, DataError, TableSource
+from unimodality.plugins.sources.anndata import AnnDataSource
+from unimodality.plugins.sources.table import TableSource
+from unimodality.sources import DataError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

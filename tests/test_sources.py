@@ -13,14 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from unimodality.sources import (
-    AnnDataSource,
-    DataError,
-    TableSource,
-    align_features,
-    apply_transform,
-    source_for,
-)
+from unimodality.plugins.sources.anndata import AnnDataSource
+from unimodality.plugins.sources.formats import source_for
+from unimodality.plugins.sources.table import TableSource
+from unimodality.sources import DataError, align_features, apply_transform
 
 N_ROWS, N_GENES = 7, 6
 GENES = [f"g{i}" for i in range(N_GENES)]
@@ -492,7 +488,7 @@ def test_describe_anndata(h5ad_files):
     source = AnnDataSource(str(h5ad_files["csr"]), layer="scaled", key_columns=["sample"], transform="log1p")
     described = source.describe()
     assert described == {
-        "class_path": "unimodality.sources.AnnDataSource",
+        "class_path": "unimodality.plugins.sources.anndata.AnnDataSource",
         "init_args": {"layer": "scaled", "obsm": None, "key_columns": ["sample"], "transform": "log1p"},
         "features": GENES,
         "input": "vectors",
@@ -506,7 +502,7 @@ def test_describe_table_resolves_prefix(parquet_file):
     source = TableSource(str(parquet_file), feature_prefix="feat_", transform="clr")
     described = source.describe()
     features = [f"feat_{g}" for g in GENES]
-    assert described["class_path"] == "unimodality.sources.TableSource"
+    assert described["class_path"] == "unimodality.plugins.sources.table.TableSource"
     assert "path" not in described["init_args"]
     assert described["features"] == features
     assert described["init_args"] == {
@@ -549,3 +545,102 @@ def test_real_citeseq_rna_and_adt(shared_data):
     # the same proteins in the h5ad copy, aligned by name, give the same values
     adt_h5ad = AnnDataSource(str(folder / "adt_counts.h5ad"), transform="clr")
     np.testing.assert_allclose(dense(adt_h5ad.read_features(align_to=proteins)), values, rtol=1e-5, atol=1e-6)
+
+
+# -- vector (list) columns: one embedding per row ------------------------------------------------------------
+
+def embedding_tables(tmp_path: Path, kind: str = "list", n: int = 40, width: int = 6):
+    """The same features as scalar columns and as one list column of ``kind``; plus a scalar extra."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(n, width)).astype(np.float32)
+    meta = {"smiles": [f"C{i % 10}" for i in range(n)], "extra": rng.normal(size=n).astype(np.float32)}
+    scalar = pa.table({**meta, **{f"pheno_embedding[{j}]": values[:, j] for j in range(width)}})
+    types = {"list": pa.list_(pa.float32()), "large_list": pa.large_list(pa.float64()),
+             "fixed_size_list": pa.list_(pa.float32(), width)}
+    vector = pa.table({**meta, "pheno_embedding": pa.array(list(values), type=types[kind])})
+    pq.write_table(scalar, tmp_path / "scalar.parquet")
+    pq.write_table(vector, tmp_path / "vector.parquet")
+    return tmp_path / "scalar.parquet", tmp_path / "vector.parquet", values
+
+
+@pytest.mark.parametrize("kind", ["list", "large_list", "fixed_size_list"])
+def test_a_list_column_gives_its_elements_as_features(tmp_path, kind):
+    scalar_file, vector_file, values = embedding_tables(tmp_path, kind)
+    source = TableSource(str(vector_file), features=["pheno_embedding"])
+    assert source.feature_names() == [f"pheno_embedding[{j}]" for j in range(6)]
+    np.testing.assert_array_equal(source.read_features(), values)
+    scalar = TableSource(str(scalar_file), feature_prefix="pheno_embedding")
+    assert scalar.feature_names() == source.feature_names()
+    np.testing.assert_array_equal(source.read_features(np.array([5, 1, 5])), values[[5, 1, 5]])
+    assert list(source.read_metadata().columns) == ["smiles", "extra"]
+
+
+def test_list_and_scalar_columns_mix_and_predict_aligns_them_by_name(tmp_path):
+    scalar_file, vector_file, values = embedding_tables(tmp_path)
+    mixed = TableSource(str(vector_file), feature_regex=r"^(extra|pheno_embedding)$")
+    assert mixed.feature_names() == ["extra", *[f"pheno_embedding[{j}]" for j in range(6)]]
+    # a model trained on the list column reads the scalar-column file (and the reverse) by feature name
+    described = mixed.describe()["init_args"]
+    again = TableSource(str(scalar_file), **{k: v for k, v in described.items() if k != "path"})
+    expected = np.column_stack([pq.read_table(scalar_file)["extra"].to_numpy(), values])
+    np.testing.assert_array_equal(again.read_features(), expected)
+    aligned = TableSource(str(vector_file), features=["pheno_embedding"]).read_features(
+        align_to=["pheno_embedding[3]", "pheno_embedding[0]"])
+    np.testing.assert_array_equal(aligned, values[:, [3, 0]])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("lengths", r"vector\.parquet: column 'pheno_embedding' holds lists of different lengths \(6 in most rows; "
+                r"e\.g\. row 3: 5\)"),
+    ("null", r"vector\.parquet: column 'pheno_embedding' has no list in 1 rows \(e\.g\. rows \[7\]\)"),
+    ("text", r"vector\.parquet: feature columns must be numeric or lists of numbers.*pheno_embedding \(list<"),
+    ("null element", r"vector\.parquet: 1 NaN or infinite feature values .*row 2 / pheno_embedding\[4\]"),
+])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bad_list_columns_are_named_with_their_rows(tmp_path, damage, message, streaming):
+    _, vector_file, values = embedding_tables(tmp_path)
+    rows = [list(map(float, v)) for v in values]
+    kind = pa.list_(pa.float32())
+    if damage == "lengths":
+        rows[3] = rows[3][:5]
+    elif damage == "null":
+        rows[7] = None
+    elif damage == "text":
+        rows, kind = [[str(x) for x in r] for r in rows], pa.list_(pa.string())
+    else:
+        rows[2][4] = None
+    table = pq.read_table(vector_file).set_column(2, "pheno_embedding", pa.array(rows, type=kind))
+    pq.write_table(table, vector_file)
+    source = TableSource(str(vector_file), features=["pheno_embedding"] if damage != "text" else
+                         [f"pheno_embedding[{j}]" for j in range(6)])
+    with pytest.raises(DataError, match=message):
+        if streaming:
+            from unimodality.streaming import table_cache
+
+            table_cache(source, tmp_path / "cache")
+        else:
+            source.read_features()
+
+
+def test_streaming_reads_list_columns_as_in_memory(tmp_path):
+    from unimodality.streaming import open_store
+
+    _, vector_file, values = embedding_tables(tmp_path, n=300)
+    source = TableSource(str(vector_file), features=["pheno_embedding"])
+    store = open_store(source, tmp_path / "cache")
+    np.testing.assert_array_equal(store.read_rows(np.arange(300)), values)
+
+
+def test_the_lincs_plate_as_a_list_column_gives_the_scalar_columns_features(shared_data, tmp_path):
+    plate = pd.read_csv(shared_data / "lincs_cellpainting_plate" / "SQ00015054_normalized_feature_select.csv.gz")
+    features = [c for c in plate.columns if not c.startswith("Metadata_")]
+    meta = plate[[c for c in plate.columns if c.startswith("Metadata_")]]
+    plate.to_parquet(tmp_path / "scalar.parquet")
+    vectors = pa.array(list(plate[features].to_numpy(np.float64)), type=pa.list_(pa.float64()))
+    pq.write_table(pa.Table.from_pandas(meta, preserve_index=False).append_column("pheno_embedding", vectors),
+                   tmp_path / "vector.parquet")
+    scalar = TableSource(str(tmp_path / "scalar.parquet"), feature_regex="^(?!Metadata_)")
+    vector = TableSource(str(tmp_path / "vector.parquet"), features=["pheno_embedding"])
+    assert len(vector.feature_names()) == len(features) == 454
+    np.testing.assert_array_equal(vector.read_features(), scalar.read_features())
+    pd.testing.assert_frame_equal(vector.read_metadata(), scalar.read_metadata())

@@ -26,7 +26,9 @@ from unimodality.plugins.datamodules.paired import PairedDataModule
 from unimodality.plugins.datamodules.single import SingleDataModule
 from unimodality.plugins.encoders.mlp import MLPEncoder
 from unimodality.plugins.setups.cross_modal import CrossModalSetup
-from unimodality.sources import AnnDataSource, DataError, TableSource
+from unimodality.plugins.sources.anndata import AnnDataSource
+from unimodality.plugins.sources.table import TableSource
+from unimodality.sources import DataError
 from unimodality.streaming import BufferSampler, H5Store, NpyStore, epoch_plan, open_store, table_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,7 +230,7 @@ RSS_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     from unimodality.plugins.datamodules.single import SingleDataModule
-    from unimodality.sources import AnnDataSource
+    from unimodality.plugins.sources.anndata import AnnDataSource
     from unimodality.streaming import BufferSampler
 
     def hwm():  # peak resident memory so far, bytes

@@ -9,7 +9,8 @@ from helpers import quiet_trainer
 from unimodality.plugins.datamodules.paired import PairedDataModule
 from unimodality.plugins.encoders.mlp import MLPEncoder
 from unimodality.plugins.setups.cross_modal import CrossModalSetup
-from unimodality.sources import AnnDataSource, TableSource
+from unimodality.plugins.sources.anndata import AnnDataSource
+from unimodality.plugins.sources.table import TableSource
 
 
 def three_modalities(batch_size=32) -> PairedDataModule:

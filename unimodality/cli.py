@@ -23,12 +23,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from unimodality import registry, resume, run_lock, trust
 from unimodality.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from unimodality.datamodule import DataModule
+from unimodality.errors import DataError
 from unimodality.outputs import EmbeddingWriter, ResultsWriter
 from unimodality.parser import UnimodalityArgumentParser
 from unimodality.paths import same_file
 from unimodality.plots import PlotCallback
 from unimodality.setup import NonFiniteLossError, Setup
-from unimodality.sources import DataError
 
 EVALUATION = ("validate", "test", "predict")
 #: Lightning's names of the checkpoints it finds itself
@@ -306,10 +306,10 @@ def checkpoint_arguments(args: list[str]) -> list[str]:
         # missing, corrupt, newer, pickled or untrusted files end here, clearly, before anything is imported
         checkpoint = read_checkpoint(ckpt_path, trust=trusted)
         _check_model_option(args, checkpoint, ckpt_path)
-        model = _as_config(checkpoint.get("hyper_parameters"))
+        model = _as_config(trust.upgrade_class_paths(checkpoint.get("hyper_parameters")))
         if model:
             injected.append(f"--model={json.dumps(model)}")
-        data = _as_config(checkpoint.get("datamodule_hyper_parameters"))
+        data = _as_config(trust.upgrade_class_paths(checkpoint.get("datamodule_hyper_parameters")))
         if data and args[0] != "predict":
             injected.append(f"--data={json.dumps(data)}")
     if args[0] == "predict":

@@ -1,27 +1,16 @@
-"""The datamodule interface and the batch convention.
-
-A batch is a dict keyed by modality name (``"tx"``, ``"ph"``, ...) holding each modality's input (float
-tensors of shape ``(batch, features)`` for vectors, ``(batch, channels, height, width)`` for images, a
-``torch_geometric`` batch for molecules), plus ``"group"``: the integer id of each sample's pairing key
-(perturbation), so a loss can treat samples of the same perturbation as positives. Prediction batches hold
-one modality and ``"index"``, the row of each sample in the input file.
-"""
+"""The datamodule interface, and the split loaders datamodules share (batches: see :mod:`unimodality.batch`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import scipy.sparse as sp
-import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from unimodality.batch import GROUP, INDEX, check_sizes, collate_batch, take_rows  # noqa: F401 - re-exported
 from unimodality.config import ConfigHyperparameters
-from unimodality.sources import DataError
-
-GROUP = "group"
-INDEX = "index"
+from unimodality.errors import DataError
+from unimodality.streaming import BufferSampler, open_store
 
 
 class DataModule(ConfigHyperparameters, LightningDataModule):
@@ -35,29 +24,6 @@ class DataModule(ConfigHyperparameters, LightningDataModule):
     @property
     def schema(self) -> dict[str, dict[str, Any]]:
         raise NotImplementedError
-
-
-def check_sizes(owner: str, **sizes: int | None) -> None:
-    """Sizes (batch sizes, counts) must be at least 1; ``None`` means unset."""
-    bad = {name: value for name, value in sizes.items() if value is not None and value < 1}
-    if bad:
-        raise ValueError(f"{owner}: {', '.join(f'{n}={v}' for n, v in bad.items())}: must be at least 1")
-
-
-def take_rows(matrix: Any, rows: np.ndarray) -> Any:
-    """A batch of ``rows`` of what a source read: rows of a feature matrix as a dense float32 tensor, or
-    whatever the source's own store makes of them (``store.take(rows)``: a graph batch, an image tensor)."""
-    if hasattr(matrix, "take") and not isinstance(matrix, np.ndarray | sp.spmatrix):
-        return matrix.take(rows)
-    block = matrix[rows]
-    if sp.issparse(block):
-        block = block.toarray()
-    return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
-
-
-def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Datasets here fetch whole batches (``__getitems__``), so collation has nothing left to do."""
-    return batch
 
 
 class SplitDataModule(DataModule):
@@ -98,8 +64,6 @@ class SplitDataModule(DataModule):
     def prepare_data(self) -> None:
         if not self.streaming:
             return
-        from unimodality.streaming import open_store
-
         for source in self.streamed_sources():  # tables converted once, on one process per node; others wait
             if source.input_kind == "vectors":
                 open_store(source, self.cache_dir).close()
@@ -112,8 +76,6 @@ class SplitDataModule(DataModule):
             return []  # an empty split: Lightning skips the loop
         dataset = self.datasets[split]
         if hasattr(dataset, "shard"):  # a streaming dataset: its sampler plans whole buffers per rank and worker
-            from unimodality.streaming import BufferSampler
-
             trainer = self.trainer
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
             dataset.shard(rank, world)

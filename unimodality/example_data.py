@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEME = "example://"
+from unimodality.paths import SCHEME, resolve_path  # noqa: F401 - resolve_path: its home before paths.py
+
 VERSION = "v2"
 FILES = ("transcriptomics.h5ad", "phenomics.parquet", "phenomics_images.npy")
 #: channel names of the example images (Cell Painting's stains)
@@ -36,14 +37,10 @@ def data_dir() -> Path:
     return base / f"example-{VERSION}"
 
 
-def resolve_path(path: str | os.PathLike) -> Path:
-    """Map ``example://<file>`` to the generated file (creating it on first use); other paths unchanged."""
-    text = str(path)
-    if not text.startswith(SCHEME):
-        return Path(text).expanduser()
-    name = text[len(SCHEME):]
+def example_file(name: str) -> Path:
+    """The example data file ``name`` (the ``example://<name>`` of configs), generated on first use."""
     if name not in FILES:
-        raise FileNotFoundError(f"{text}: the example data has no such file; it has {', '.join(FILES)}")
+        raise FileNotFoundError(f"{SCHEME}{name}: the example data has no such file; it has {', '.join(FILES)}")
     folder = data_dir()
     if not all((folder / f).is_file() for f in FILES):
         make_example_data(folder)

@@ -27,10 +27,10 @@ import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from unimodality.batch import INDEX
 from unimodality.config import config_form
-from unimodality.datamodule import INDEX
+from unimodality.errors import DataError
 from unimodality.files import atomic_write
-from unimodality.sources import DataError
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,22 @@
-"""Paths of the files a command reads and writes."""
+"""Paths of the files a command reads and writes, and the ``example://`` scheme of the bundled example data."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+#: the prefix naming a file of the bundled example data in a config, e.g. ``example://phenomics.parquet``
+SCHEME = "example://"
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Map ``example://<file>`` to the generated file (creating it on first use); other paths unchanged."""
+    text = str(path)
+    if not text.startswith(SCHEME):
+        return Path(text).expanduser()
+    from unimodality.example_data import example_file  # numpy-heavy generation, only when asked for
+
+    return example_file(text[len(SCHEME):])
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

@@ -1,9 +1,10 @@
-"""Modality sources: one file holding a modality's rows (metadata columns + a feature matrix).
+"""The source interface: one file holding a modality's rows (metadata columns + a feature matrix), and the
+reading helpers the sources share.
 
-``AnnDataSource`` reads ``.h5ad`` (``X``, a layer or an ``obsm`` key; dense or CSR) and ``TableSource``
-reads parquet or CSV (metadata + numeric feature columns). Both read only the rows they are asked for,
-apply a per-row transform, align features by name when asked, and refuse bad input with an error that
-names the file, column or row at fault.
+The built-in sources are plugins (``unimodality/plugins/sources``): ``AnnDataSource`` (``.h5ad``),
+``TableSource`` (parquet, CSV), ``MoleculeSource`` (SMILES) and ``ImageSource``. A source reads only the rows
+it is asked for, applies a per-row transform, aligns features by name when asked, and refuses bad input with
+an error that names the file, column or row at fault.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import scipy.sparse as sp
 
 from unimodality.config import RecordsInitArgs, class_path
 from unimodality.errors import DataError
-from unimodality.example_data import resolve_path
+from unimodality.paths import resolve_path
 
 Matrix = np.ndarray | sp.csr_matrix
 Transform = Literal["none", "log1p", "normalize_log1p", "clr"]
@@ -76,6 +77,12 @@ class ModalitySource(RecordsInitArgs):
 
     def num_rows(self) -> int:
         raise NotImplementedError
+
+    def row_store(self, cache_dir: str | Path | None = None) -> Any:
+        """A :class:`~unimodality.streaming.RowStore` reading raw rows from disk (streaming); sources of
+        feature vectors implement it."""
+        raise DataError(f"{self.file}: {type(self).__name__} cannot be streamed from disk; keep it in memory "
+                        "(leave data.streaming off)")
 
     def usable_rows(self) -> np.ndarray | None:
         """Boolean mask of the rows that can be used, or None when all can (e.g. dropped invalid SMILES)."""
@@ -280,253 +287,6 @@ def align_features(matrix: Matrix, names: list[str], target: list[str], file: Pa
     return aligned
 
 
-class AnnDataSource(ModalitySource):
-    """A modality stored in an AnnData ``.h5ad`` file; rows are observations, key columns come from ``obs``
-    (the obs index too: by its name, e.g. ``barcode``, or as ``obs_names``).
-
-    Args:
-        path: the ``.h5ad`` file.
-        layer: read ``layers[layer]`` instead of ``X``.
-        obsm: read ``obsm[obsm]`` (an embedding) instead of ``X``; features are named ``{obsm}_{i}``.
-        key_columns: see :class:`ModalitySource`.
-        transform: see :class:`ModalitySource`.
-    """
-
-    format = "h5ad"
-    suffixes = (".h5ad",)
-
-    def __init__(
-        self,
-        path: str,
-        layer: str | None = None,
-        obsm: str | None = None,
-        key_columns: list[str] | None = None,
-        transform: Transform = "none",
-    ) -> None:
-        super().__init__(path, key_columns=key_columns, transform=transform)
-        if layer is not None and obsm is not None:
-            raise ValueError("AnnDataSource: give layer or obsm, not both")
-        self.layer = layer
-        self.obsm = obsm
-
-    @property
-    def element_key(self) -> str:
-        """Where the matrix lives in the file: ``X``, ``layers/<layer>`` or ``obsm/<key>``."""
-        if self.layer is not None:
-            return f"layers/{self.layer}"
-        return "X" if self.obsm is None else f"obsm/{self.obsm}"
-
-    def _element(self, f: h5py.File) -> h5py.Dataset | h5py.Group:
-        key = self.element_key
-        if key not in f:
-            if key == "X":
-                layers = sorted(f["layers"]) if "layers" in f else []
-                raise DataError(f"{self.file}: has no X; read a layer instead (layers: {layers or 'none'})")
-            parent = "layers" if self.layer is not None else "obsm"
-            available = sorted(f[parent]) if parent in f else []
-            raise DataError(f"{self.file}: has no {key!r} (available {parent}: {available or 'none'})")
-        return f[key]
-
-    def _read_feature_names(self) -> list[str]:
-        from anndata.io import read_elem
-
-        with h5py.File(self.file, "r") as f:
-            if self.obsm is not None:
-                element = self._element(f)
-                width = element.attrs["shape"][1] if isinstance(element, h5py.Group) else element.shape[1]
-                return [f"{self.obsm}_{i}" for i in range(width)]
-            return list(read_elem(f["var"]).index)
-
-    def num_rows(self) -> int:
-        with h5py.File(self.file, "r") as f:
-            element = self._element(f)
-            return int(element.attrs["shape"][0] if isinstance(element, h5py.Group) else element.shape[0])
-
-    def read_metadata(self, columns: list[str] | None = None) -> pd.DataFrame:
-        from anndata.io import read_elem
-
-        with h5py.File(self.file, "r") as f:
-            obs = read_elem(f["obs"])
-        # the obs index (cell barcodes, sample ids) can be a key: by its name or as "obs_names"
-        if columns is not None:
-            for name in {obs.index.name, "obs_names"} & set(columns) - set(obs.columns):
-                obs[name] = obs.index.to_numpy()
-            missing = [c for c in columns if c not in obs.columns]
-            if missing:
-                raise DataError(
-                    f"{self.file}: obs has no column(s) {missing}; available: {list(obs.columns)}"
-                )
-            obs = obs[columns]
-        return obs
-
-    def _read_raw(self, rows: np.ndarray | None) -> Matrix:
-        from anndata.io import sparse_dataset
-
-        with h5py.File(self.file, "r") as f:
-            element = self._element(f)
-            if isinstance(element, h5py.Group):
-                encoding = element.attrs.get("encoding-type", "")
-                if encoding not in ("csr_matrix", "csc_matrix"):
-                    raise DataError(f"{self.file}: cannot read matrix of encoding {encoding!r}")
-                data = sparse_dataset(element)
-                if rows is None or encoding == "csc_matrix":
-                    matrix = sp.csr_matrix(data.to_memory())
-                    matrix = matrix if rows is None else matrix[rows]
-                else:
-                    matrix = _take_sorted(lambda r: data[r], rows, sparse=True)
-                return compact_indices(sp.csr_matrix(matrix, dtype=np.float32))
-            if rows is None:
-                return np.asarray(element[()], dtype=np.float32)
-            return np.asarray(_take_sorted(lambda r: element[r], rows, sparse=False), dtype=np.float32)
-
-
-def compact_indices(matrix: sp.csr_matrix) -> sp.csr_matrix:
-    """32-bit row pointers and column indices where they fit. ``.h5ad`` files often store 64-bit row pointers
-    beside 32-bit indices; scipy then converts the whole index array to 64 bits on every row selection (a
-    copy of the matrix's indices per batch: 0.4 s for a 2 GB matrix)."""
-    if matrix.nnz < 2**31 and max(matrix.shape) < 2**31:
-        matrix.indptr = matrix.indptr.astype(np.int32, copy=False)
-        matrix.indices = matrix.indices.astype(np.int32, copy=False)
-    return matrix
-
-
-def _take_sorted(read, rows: np.ndarray, sparse: bool) -> Matrix:
-    """HDF5 reads need increasing unique indices: read those, then restore the requested order."""
-    unique, inverse = np.unique(np.asarray(rows), return_inverse=True)
-    block = read(unique)
-    return block[inverse] if not sparse else sp.csr_matrix(block)[inverse]
-
-
-class TableSource(ModalitySource):
-    """A modality stored in a table (parquet, or CSV/TSV, optionally gzipped): metadata + feature columns.
-
-    Select the feature columns with exactly one of ``features``, ``feature_prefix`` or ``feature_regex``;
-    every other column is metadata.
-
-    Args:
-        path: the table file (``.parquet``, ``.csv``, ``.csv.gz``, ``.tsv``, ``.tsv.gz``).
-        features: the feature columns by name.
-        feature_prefix: every column whose name starts with this prefix is a feature.
-        feature_regex: every column whose name matches this regular expression is a feature.
-        key_columns: see :class:`ModalitySource`.
-        transform: see :class:`ModalitySource`.
-    """
-
-    format = "table"
-    suffixes = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv", ".tsv.gz")
-
-    def __init__(
-        self,
-        path: str,
-        features: list[str] | None = None,
-        feature_prefix: str | None = None,
-        feature_regex: str | None = None,
-        key_columns: list[str] | None = None,
-        transform: Transform = "none",
-    ) -> None:
-        super().__init__(path, key_columns=key_columns, transform=transform)
-        given = [x is not None for x in (features, feature_prefix, feature_regex)]
-        if sum(given) != 1:
-            raise ValueError(
-                "TableSource: select the feature columns with exactly one of features (a list of names), "
-                f"feature_prefix or feature_regex (path: {path})"
-            )
-        self.features = features
-        self.feature_prefix = feature_prefix
-        self.feature_regex = feature_regex
-        self._table: pa.Table | None = None
-
-    def describe(self) -> dict[str, Any]:
-        described = super().describe()
-        # a new file is read by the exact columns the model was trained on
-        described["init_args"].update(features=list(self.feature_names()), feature_prefix=None, feature_regex=None)
-        return described
-
-    @property
-    def _is_parquet(self) -> bool:
-        return self.file.suffix in (".parquet", ".pq")
-
-    def _schema(self) -> pa.Schema:
-        if self._is_parquet:
-            import pyarrow.parquet as pq
-
-            return pq.read_schema(self.file)
-        return self._read_table().schema
-
-    def _read_table(self, columns: list[str] | None = None) -> pa.Table:
-        if self._is_parquet:
-            return read_table(self.file, columns)
-        if self._table is None:  # text tables cannot be read by column: read once, keep until close()
-            self._table = read_table(self.file)
-        return self._table if columns is None else self._table.select(columns)
-
-    def close(self) -> None:
-        self._table = None
-
-    def _read_feature_names(self) -> list[str]:
-        schema = self._schema()
-        columns = list(schema.names)
-        if self.features is not None:
-            return list(self.features)  # checked against the file when read (align or error)
-        if self.feature_prefix is not None:
-            names = [c for c in columns if c.startswith(self.feature_prefix)]
-            what = f"prefix {self.feature_prefix!r}"
-        else:
-            pattern = re.compile(self.feature_regex)
-            names = [c for c in columns if pattern.search(c)]
-            what = f"regex {self.feature_regex!r}"
-        if not names:
-            raise DataError(f"{self.file}: no column matches the feature {what}; columns: {columns[:10]}...")
-        return names
-
-    def num_rows(self) -> int:
-        if self._is_parquet:
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(self.file).metadata.num_rows
-        return self._read_table().num_rows
-
-    def read_metadata(self, columns: list[str] | None = None) -> pd.DataFrame:
-        names = self._schema().names
-        if columns is None:
-            features = set(self.feature_names())
-            columns = [c for c in names if c not in features]
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise DataError(f"{self.file}: has no column(s) {missing}; available: {names[:20]}...")
-        return self._read_table(columns).to_pandas()
-
-    def _own_columns(self, wanted: list[str]) -> list[str]:
-        names = set(self._schema().names)
-        return [c for c in wanted if c in names]
-
-    def _read_raw(self, rows: np.ndarray | None) -> Matrix:
-        names = self.feature_names()
-        if self.features is not None:
-            check_feature_columns(self.file, self._schema(), names)
-        return self._read_columns(self._own_columns(names), rows)
-
-    def _read_columns(self, columns: list[str], rows: np.ndarray | None) -> np.ndarray:
-        table = self._read_table(columns)
-        check_feature_columns(self.file, table.schema, columns)
-        if rows is not None:
-            table = table.take(pa.array(np.asarray(rows, dtype=np.int64)))
-        out = np.empty((table.num_rows, len(columns)), dtype=np.float32)
-        for j, column in enumerate(table.columns):
-            out[:, j] = column_as_float32(column)
-        return out
-
-    def _read_aligned(self, rows: np.ndarray | None, align_to: list[str]) -> Matrix:
-        # read only the model's columns that this file has, by name
-        available = self._own_columns(align_to)
-        if not available:
-            raise DataError(
-                f"{self.file}: none of the model's {len(align_to)} feature columns are in this file "
-                f"(model expects e.g. {align_to[:3]})"
-            )
-        return align_features(self._read_columns(available, rows), available, align_to, self.file)
-
-
 def read_table(file: Path, columns: list[str] | None = None) -> pa.Table:
     """A parquet, CSV or TSV file (optionally gzipped) as an Arrow table; parquet reads only ``columns``."""
     if file.suffix in (".parquet", ".pq"):
@@ -540,36 +300,48 @@ def read_table(file: Path, columns: list[str] | None = None) -> pa.Table:
     return table if columns is None else table.select(columns)
 
 
-def read_metadata_of(file: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """Columns (all when None) of any supported file: ``obs`` of an ``.h5ad`` (the obs index too), or a table."""
-    if str(file).lower().endswith(".h5ad"):
-        return AnnDataSource(str(file)).read_metadata(columns)
-    source_for(file)  # an unsupported file type gets the usual message
-    if file.suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
+#: a feature taken from element ``index`` of a list column: ``pheno_embedding[3]``
+VECTOR_FEATURE = re.compile(r"^(?P<column>.+)\[(?P<index>\d+)\]$")
 
-        names = pq.read_schema(file).names
-    else:
-        names = read_table(file).schema.names
-    missing = [c for c in columns or [] if c not in names]
-    if missing:
-        raise DataError(f"{file}: has no column(s) {missing}; available: {names[:20]}")
-    return read_table(file, columns).to_pandas()
+
+def is_vector_type(kind: pa.DataType) -> bool:
+    """A list, large list or fixed-size list of numbers: a column holding one vector of features per row."""
+    return _is_list(kind) and _is_numeric(kind.value_type)
+
+
+def _is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+
+
+def feature_column(name: str, schema: pa.Schema) -> str:
+    """The column a feature is read from: itself, or the list column of an element name ``column[i]``."""
+    if name in schema.names:
+        return name
+    match = VECTOR_FEATURE.match(name)
+    if match and match["column"] in schema.names and _is_list(schema.field(match["column"]).type):
+        return match["column"]
+    return name
+
+
+def feature_columns(names: list[str], schema: pa.Schema) -> list[str]:
+    """The distinct columns features ``names`` are read from, in order."""
+    return list(dict.fromkeys(feature_column(n, schema) for n in names))
 
 
 def check_feature_columns(file: Path, schema: pa.Schema, names: list[str]) -> None:
-    """Refuse feature columns ``names`` that ``schema`` lacks or that do not hold numbers: text is refused
-    even when it spells numbers (a sign of a mis-read file). The one check of tables read into memory and
-    of tables converted for streaming."""
+    """Refuse features ``names`` whose columns ``schema`` lacks or that do not hold numbers (or lists of
+    numbers): text is refused even when it spells numbers (a sign of a mis-read file). The one check of
+    tables read into memory and of tables converted for streaming."""
+    columns = feature_columns(names, schema)
     present = set(schema.names)
-    absent = [c for c in names if c not in present]
+    absent = [c for c in columns if c not in present]
     if absent:
         raise DataError(f"{file}: feature column(s) not found: {absent[:10]} ({len(absent)} in all)")
-    wanted = set(names)
-    bad = [f"{field.name} ({field.type})" for field in schema if field.name in wanted and not _is_numeric(field.type)]
+    bad = [f"{field.name} ({field.type})" for field in schema
+           if field.name in set(columns) and not (_is_numeric(field.type) or is_vector_type(field.type))]
     if bad:
         raise DataError(
-            f"{file}: feature columns must be numeric, these are not: {bad[:10]}"
+            f"{file}: feature columns must be numeric or lists of numbers, these are not: {bad[:10]}"
             f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}"
         )
 
@@ -580,14 +352,53 @@ def column_as_float32(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return pc.cast(column, pa.float32()).to_numpy(zero_copy_only=False)
 
 
+def vector_width(file: Path, column: pa.ChunkedArray | pa.Array, name: str, first_row: int = 0) -> int:
+    """The length every row's list in a list column has; nulls and differing lengths are errors (naming file
+    rows: ``first_row`` is the file row of the column's first)."""
+    if pa.types.is_fixed_size_list(column.type) and column.null_count == 0:
+        return column.type.list_size
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    nulls = np.flatnonzero(pd.isna(lengths))
+    if len(nulls):
+        raise DataError(f"{file}: column {name!r} has no list in {len(nulls)} rows (e.g. rows "
+                        f"{(nulls[:5] + first_row).tolist()}); every row needs a vector of features")
+    lengths = lengths.astype(np.int64)
+    if len(lengths) and (lengths != lengths[0]).any():
+        values, counts = np.unique(lengths, return_counts=True)
+        common = int(values[counts.argmax()])
+        odd = np.flatnonzero(lengths != common)
+        raise DataError(
+            f"{file}: column {name!r} holds lists of different lengths ({common} in most rows; e.g. "
+            f"{', '.join(f'row {r + first_row}: {lengths[r]}' for r in odd[:5])}); every row's vector must have one "
+            "length"
+        )
+    return int(lengths[0]) if len(lengths) else 0
+
+
+def features_block(file: Path, table: pa.Table, names: list[str], first_row: int = 0) -> np.ndarray:
+    """Features ``names`` of every row of ``table`` (scalar columns and elements of list columns) as float32.
+
+    ``first_row``: the file row of ``table``'s first row, for messages.
+    """
+    out = np.empty((table.num_rows, len(names)), dtype=np.float32)
+    vectors: dict[str, np.ndarray] = {}
+    for j, name in enumerate(names):
+        column = feature_column(name, table.schema)
+        if column == name:
+            out[:, j] = column_as_float32(table.column(column))
+            continue
+        if column not in vectors:
+            data = table.column(column).combine_chunks() if table.num_rows else table.column(column)
+            width = vector_width(file, data, column, first_row)
+            flat = column_as_float32(pc.list_flatten(data)) if table.num_rows else np.zeros(0, np.float32)
+            vectors[column] = flat.reshape(table.num_rows, width)
+        index = int(VECTOR_FEATURE.match(name)["index"])
+        if index >= vectors[column].shape[1]:
+            raise DataError(f"{file}: feature {name!r}: the lists of column {column!r} have "
+                            f"{vectors[column].shape[1]} elements")
+        out[:, j] = vectors[column][:, index]
+    return out
+
+
 def _is_numeric(kind: pa.DataType) -> bool:
     return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
-
-
-def source_for(path: str | Path) -> type[ModalitySource]:
-    """The source class that reads a file, by its extension."""
-    name = str(path).lower()
-    for cls in (AnnDataSource, TableSource):
-        if name.endswith(cls.suffixes):
-            return cls
-    raise DataError(f"{path}: unsupported file type; expected .h5ad, .parquet, .csv(.gz) or .tsv(.gz)")

@@ -30,16 +30,16 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from unimodality.datamodule import GROUP, check_sizes, take_rows
+from unimodality.batch import GROUP, check_sizes, take_rows
 from unimodality.files import atomic_write
 from unimodality.sources import (
-    AnnDataSource,
     DataError,
     Matrix,
     ModalitySource,
     bad_entries,
     check_feature_columns,
-    column_as_float32,
+    feature_columns,
+    features_block,
     non_finite_error,
 )
 
@@ -294,8 +294,8 @@ def _write_cache(source: ModalitySource, file: Path, names: list[str], tmp: Path
         parquet = pq.ParquetFile(file)
         check_feature_columns(source.file, parquet.schema_arrow, names)
         n_rows = parquet.metadata.num_rows
-        blocks = (np.column_stack([column_as_float32(c) for c in batch.columns])
-                  for batch in parquet.iter_batches(batch_size=chunk_rows, columns=names))
+        batches = parquet.iter_batches(batch_size=chunk_rows, columns=feature_columns(names, parquet.schema_arrow))
+        blocks = _blocks(source.file, batches, names)
     else:  # text tables are read whole anyway (and checked by the source)
         n_rows = source.num_rows()
         blocks = iter([source._read_raw(None)])
@@ -319,16 +319,24 @@ def _write_cache(source: ModalitySource, file: Path, names: list[str], tmp: Path
         raise DataError(f"{source.file}: {start} rows read, {n_rows} expected; the file changed while it was read")
 
 
+def _blocks(file: Path, batches: Iterator[Any], names: list[str]) -> Iterator[np.ndarray]:
+    """Features ``names`` of each record batch (scalar columns and list-column elements), as the in-memory
+    read makes them."""
+    import pyarrow as pa
+
+    start = 0
+    for batch in batches:
+        yield features_block(file, pa.Table.from_batches([batch]), names, first_row=start)
+        start += batch.num_rows
+
+
 def open_store(source: ModalitySource, cache_dir: str | Path | None = None) -> RowStore:
-    """A row store over a vector source's file (``.h5ad`` read in place; tables through the cache)."""
+    """A row store over a vector source's file: the source's own (``.h5ad`` read in place, tables through
+    :func:`table_cache`)."""
     if source.input_kind != "vectors":
         raise DataError(f"{source.file}: streaming reads feature vectors; {type(source).__name__} gives "
                         f"{source.input_kind} (keep it in memory)")
-    if isinstance(source, AnnDataSource):
-        with h5py.File(source.file, "r") as f:
-            source._element(f)  # a missing layer gets the source's own message
-        return H5Store(source.file, source.element_key)
-    return NpyStore(table_cache(source, cache_dir))
+    return source.row_store(cache_dir)
 
 
 # -- the epoch plan ------------------------------------------------------------------------------------

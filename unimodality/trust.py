@@ -28,6 +28,13 @@ from unimodality.errors import DataError
 
 #: the instantiator Lightning's ``load_from_checkpoint`` imports from a checkpoint's hyper-parameters
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+#: class paths of built-in plugins that moved, as older checkpoints and configs name them
+MOVED = {
+    "unimodality.sources.AnnDataSource": "unimodality.plugins.sources.anndata.AnnDataSource",
+    "unimodality.sources.TableSource": "unimodality.plugins.sources.table.TableSource",
+    "unimodality.molecules.MoleculeSource": "unimodality.plugins.sources.molecules.MoleculeSource",
+    "unimodality.images.ImageSource": "unimodality.plugins.sources.images.ImageSource",
+}
 #: modules a checkpoint may have imported to resolve a class
 TRUSTED_PREFIXES = ("torch.", "lightning.", "lightning_fabric.", "pytorch_lightning.", "torchmetrics.")
 
@@ -97,6 +104,16 @@ def check_config(config: Any, origin: str, imports: bool = True) -> None:
         check_class(name, kind, origin, ".".join(where), imports=imports)
 
 
+def upgrade_class_paths(config: Any) -> Any:
+    """``config`` with the class paths of moved built-in plugins (:data:`MOVED`) replaced by their new ones."""
+    if isinstance(config, dict):
+        return {key: MOVED.get(value, value) if key in ("class_path", "_class_path") and isinstance(value, str)
+                else upgrade_class_paths(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [upgrade_class_paths(item) for item in config]
+    return config
+
+
 def check_checkpoint_classes(checkpoint: dict[str, Any], path: Any) -> None:
     """Every class a checkpoint names (model, data, and what they hold), resolved without imports."""
     origin = str(path)
@@ -148,6 +165,7 @@ def _expected(kind: str) -> str:
 def _lookup(name: str, bases: tuple[type, ...], imports: bool) -> Any:
     """The object ``name`` refers to, or a sentence saying why it cannot be had."""
     loaded = registry.load_plugins()  # imports every plugin's module: those a checkpoint names are then found
+    name = MOVED.get(name, name)
     if "." not in name:
         plugins = {p.cls for group in loaded.values() for p in group.get(name, [])}
         matches = {c for c in plugins | set(_known_subclasses()) if c.__name__ == name and issubclass(c, bases)}

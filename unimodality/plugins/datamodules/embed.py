@@ -14,10 +14,12 @@ from torch.utils.data import DataLoader, Dataset
 from unimodality import trust
 from unimodality.datamodule import INDEX, DataModule, check_sizes, collate_batch, take_rows
 from unimodality.errors import DataError
-from unimodality.example_data import resolve_path
 from unimodality.outputs import OBSM_KEY, check_output_path, write_embeddings
-from unimodality.paths import same_file
-from unimodality.sources import AnnDataSource, Matrix, ModalitySource, TableSource, align_features, source_for
+from unimodality.paths import resolve_path, same_file
+from unimodality.plugins.sources.anndata import AnnDataSource
+from unimodality.plugins.sources.formats import source_for
+from unimodality.plugins.sources.table import TableSource
+from unimodality.sources import Matrix, ModalitySource, align_features
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from unimodality.encoder import Encoder
-from unimodality.molecules import BOND_FEATURES
+from unimodality.plugins.sources.molecules import BOND_FEATURES
 
 _NORMS = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "none": nn.Identity}
 
@@ -38,7 +38,7 @@ class GNNEncoder(Encoder):
         pooling: readout over atoms: ``mean``, ``sum``, or ``attention`` (a learned gate per atom).
         norm: normalisation after each conv.
         dropout: dropout after each layer.
-        edge_features: bond feature size (default: that of :mod:`unimodality.molecules`).
+        edge_features: bond feature size (default: that of :mod:`unimodality.plugins.sources.molecules`).
     """
 
     def __init__(

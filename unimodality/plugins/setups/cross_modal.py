@@ -11,7 +11,7 @@ from jsonargparse import lazy_instance
 from torch import nn
 
 from unimodality import diagnostics
-from unimodality.datamodule import GROUP, INDEX
+from unimodality.batch import GROUP, INDEX
 from unimodality.distributed import gather, gather_with_grad
 from unimodality.encoder import Encoder
 from unimodality.loss import ContrastiveLoss

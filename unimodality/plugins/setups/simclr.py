@@ -14,7 +14,7 @@ from torch import nn
 
 from unimodality import diagnostics
 from unimodality.augmentation import Augmentation, Compose
-from unimodality.datamodule import GROUP, INDEX
+from unimodality.batch import GROUP, INDEX
 from unimodality.distributed import gather, gather_with_grad
 from unimodality.encoder import Encoder
 from unimodality.loss import ContrastiveLoss

@@ -26,7 +26,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from unimodality.sources import DataError, ModalitySource, read_metadata_of
+from unimodality.errors import DataError
+from unimodality.plugins.sources.formats import read_metadata_of
+from unimodality.sources import ModalitySource
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +147,7 @@ class MoleculeSource(ModalitySource):
     """Molecules named by a SMILES column of any supported file (``.h5ad`` obs, parquet, CSV/TSV).
 
     The column can be a pairing key itself (the perturbation's compound) or a column of its own. Each
-    distinct SMILES is parsed and featurised once per run (see :mod:`unimodality.molecules` for the atom
+    distinct SMILES is parsed and featurised once per run (see :mod:`unimodality.plugins.sources.molecules` for the atom
     and bond features); rows sharing a molecule share its graph.
 
     Args:

@@ -28,8 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from unimodality.example_data import resolve_path
-from unimodality.sources import DataError, ModalitySource, read_metadata_of
+from unimodality.errors import DataError
+from unimodality.paths import resolve_path
+from unimodality.plugins.sources.formats import read_metadata_of
+from unimodality.sources import ModalitySource
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +412,7 @@ class ImageSource(ModalitySource):
     def _table_rows(self) -> int:
         name = self.file.name.lower()
         if name.endswith(".h5ad"):
-            from unimodality.sources import AnnDataSource
+            from unimodality.plugins.sources.anndata import AnnDataSource
 
             return len(AnnDataSource(str(self.file)).read_metadata())
         if name.endswith((".parquet", ".pq")):

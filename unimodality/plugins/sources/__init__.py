@@ -1,0 +1,1 @@
+"""Built-in sources: AnnData files, tables, molecules (SMILES) and images."""

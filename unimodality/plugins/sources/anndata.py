@@ -1,0 +1,142 @@
+"""``AnnDataSource``: a modality stored in an AnnData ``.h5ad`` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from unimodality.errors import DataError
+from unimodality.sources import Matrix, ModalitySource, Transform
+
+if TYPE_CHECKING:
+    from unimodality.streaming import RowStore
+
+
+class AnnDataSource(ModalitySource):
+    """A modality stored in an AnnData ``.h5ad`` file; rows are observations, key columns come from ``obs``
+    (the obs index too: by its name, e.g. ``barcode``, or as ``obs_names``).
+
+    Args:
+        path: the ``.h5ad`` file.
+        layer: read ``layers[layer]`` instead of ``X``.
+        obsm: read ``obsm[obsm]`` (an embedding) instead of ``X``; features are named ``{obsm}_{i}``.
+        key_columns: see :class:`ModalitySource`.
+        transform: see :class:`ModalitySource`.
+    """
+
+    format = "h5ad"
+    suffixes = (".h5ad",)
+
+    def __init__(
+        self,
+        path: str,
+        layer: str | None = None,
+        obsm: str | None = None,
+        key_columns: list[str] | None = None,
+        transform: Transform = "none",
+    ) -> None:
+        super().__init__(path, key_columns=key_columns, transform=transform)
+        if layer is not None and obsm is not None:
+            raise ValueError("AnnDataSource: give layer or obsm, not both")
+        self.layer = layer
+        self.obsm = obsm
+
+    @property
+    def element_key(self) -> str:
+        """Where the matrix lives in the file: ``X``, ``layers/<layer>`` or ``obsm/<key>``."""
+        if self.layer is not None:
+            return f"layers/{self.layer}"
+        return "X" if self.obsm is None else f"obsm/{self.obsm}"
+
+    def _element(self, f: h5py.File) -> h5py.Dataset | h5py.Group:
+        key = self.element_key
+        if key not in f:
+            if key == "X":
+                layers = sorted(f["layers"]) if "layers" in f else []
+                raise DataError(f"{self.file}: has no X; read a layer instead (layers: {layers or 'none'})")
+            parent = "layers" if self.layer is not None else "obsm"
+            available = sorted(f[parent]) if parent in f else []
+            raise DataError(f"{self.file}: has no {key!r} (available {parent}: {available or 'none'})")
+        return f[key]
+
+    def _read_feature_names(self) -> list[str]:
+        from anndata.io import read_elem
+
+        with h5py.File(self.file, "r") as f:
+            if self.obsm is not None:
+                element = self._element(f)
+                width = element.attrs["shape"][1] if isinstance(element, h5py.Group) else element.shape[1]
+                return [f"{self.obsm}_{i}" for i in range(width)]
+            return list(read_elem(f["var"]).index)
+
+    def num_rows(self) -> int:
+        with h5py.File(self.file, "r") as f:
+            element = self._element(f)
+            return int(element.attrs["shape"][0] if isinstance(element, h5py.Group) else element.shape[0])
+
+    def read_metadata(self, columns: list[str] | None = None) -> pd.DataFrame:
+        from anndata.io import read_elem
+
+        with h5py.File(self.file, "r") as f:
+            obs = read_elem(f["obs"])
+        # the obs index (cell barcodes, sample ids) can be a key: by its name or as "obs_names"
+        if columns is not None:
+            for name in {obs.index.name, "obs_names"} & set(columns) - set(obs.columns):
+                obs[name] = obs.index.to_numpy()
+            missing = [c for c in columns if c not in obs.columns]
+            if missing:
+                raise DataError(
+                    f"{self.file}: obs has no column(s) {missing}; available: {list(obs.columns)}"
+                )
+            obs = obs[columns]
+        return obs
+
+    def row_store(self, cache_dir: str | Path | None = None) -> RowStore:
+        """The file's matrix read in place, batch by batch (dense, or CSR with only the row pointers in RAM)."""
+        from unimodality.streaming import H5Store
+
+        with h5py.File(self.file, "r") as f:
+            self._element(f)  # a missing layer gets the source's own message
+        return H5Store(self.file, self.element_key)
+
+    def _read_raw(self, rows: np.ndarray | None) -> Matrix:
+        from anndata.io import sparse_dataset
+
+        with h5py.File(self.file, "r") as f:
+            element = self._element(f)
+            if isinstance(element, h5py.Group):
+                encoding = element.attrs.get("encoding-type", "")
+                if encoding not in ("csr_matrix", "csc_matrix"):
+                    raise DataError(f"{self.file}: cannot read matrix of encoding {encoding!r}")
+                data = sparse_dataset(element)
+                if rows is None or encoding == "csc_matrix":
+                    matrix = sp.csr_matrix(data.to_memory())
+                    matrix = matrix if rows is None else matrix[rows]
+                else:
+                    matrix = _take_sorted(lambda r: data[r], rows, sparse=True)
+                return compact_indices(sp.csr_matrix(matrix, dtype=np.float32))
+            if rows is None:
+                return np.asarray(element[()], dtype=np.float32)
+            return np.asarray(_take_sorted(lambda r: element[r], rows, sparse=False), dtype=np.float32)
+
+
+def compact_indices(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """32-bit row pointers and column indices where they fit. ``.h5ad`` files often store 64-bit row pointers
+    beside 32-bit indices; scipy then converts the whole index array to 64 bits on every row selection (a
+    copy of the matrix's indices per batch: 0.4 s for a 2 GB matrix)."""
+    if matrix.nnz < 2**31 and max(matrix.shape) < 2**31:
+        matrix.indptr = matrix.indptr.astype(np.int32, copy=False)
+        matrix.indices = matrix.indices.astype(np.int32, copy=False)
+    return matrix
+
+
+def _take_sorted(read, rows: np.ndarray, sparse: bool) -> Matrix:
+    """HDF5 reads need increasing unique indices: read those, then restore the requested order."""
+    unique, inverse = np.unique(np.asarray(rows), return_inverse=True)
+    block = read(unique)
+    return block[inverse] if not sparse else sp.csr_matrix(block)[inverse]

@@ -1,0 +1,179 @@
+"""``TableSource``: a modality stored in a table (parquet, CSV or TSV): metadata + feature columns."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from unimodality.errors import DataError
+from unimodality.sources import (
+    Matrix,
+    ModalitySource,
+    Transform,
+    align_features,
+    check_feature_columns,
+    feature_column,
+    feature_columns,
+    features_block,
+    is_vector_type,
+    read_table,
+    vector_width,
+)
+
+if TYPE_CHECKING:
+    from unimodality.streaming import RowStore
+
+
+class TableSource(ModalitySource):
+    """A modality stored in a table (parquet, or CSV/TSV, optionally gzipped): metadata + feature columns.
+
+    Select the feature columns with exactly one of ``features``, ``feature_prefix`` or ``feature_regex``;
+    every other column is metadata. A selected column may hold one vector per row (a list, large list or
+    fixed-size list of numbers, e.g. an image model's embedding of each well): its elements are features
+    named ``<column>[0]``, ``<column>[1]``, ...; scalar and list columns mix freely.
+
+    Args:
+        path: the table file (``.parquet``, ``.csv``, ``.csv.gz``, ``.tsv``, ``.tsv.gz``).
+        features: the feature columns by name (a list column stands for all its elements; ``col[i]`` names one).
+        feature_prefix: every column whose name starts with this prefix is a feature.
+        feature_regex: every column whose name matches this regular expression is a feature.
+        key_columns: see :class:`ModalitySource`.
+        transform: see :class:`ModalitySource`.
+    """
+
+    format = "table"
+    suffixes = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv", ".tsv.gz")
+
+    def __init__(
+        self,
+        path: str,
+        features: list[str] | None = None,
+        feature_prefix: str | None = None,
+        feature_regex: str | None = None,
+        key_columns: list[str] | None = None,
+        transform: Transform = "none",
+    ) -> None:
+        super().__init__(path, key_columns=key_columns, transform=transform)
+        given = [x is not None for x in (features, feature_prefix, feature_regex)]
+        if sum(given) != 1:
+            raise ValueError(
+                "TableSource: select the feature columns with exactly one of features (a list of names), "
+                f"feature_prefix or feature_regex (path: {path})"
+            )
+        self.features = features
+        self.feature_prefix = feature_prefix
+        self.feature_regex = feature_regex
+        self._table: pa.Table | None = None
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        # a new file is read by the exact columns the model was trained on
+        described["init_args"].update(features=list(self.feature_names()), feature_prefix=None, feature_regex=None)
+        return described
+
+    @property
+    def _is_parquet(self) -> bool:
+        return self.file.suffix in (".parquet", ".pq")
+
+    def _schema(self) -> pa.Schema:
+        if self._is_parquet:
+            import pyarrow.parquet as pq
+
+            return pq.read_schema(self.file)
+        return self._read_table().schema
+
+    def _read_table(self, columns: list[str] | None = None) -> pa.Table:
+        if self._is_parquet:
+            return read_table(self.file, columns)
+        if self._table is None:  # text tables cannot be read by column: read once, keep until close()
+            self._table = read_table(self.file)
+        return self._table if columns is None else self._table.select(columns)
+
+    def close(self) -> None:
+        self._table = None
+
+    def _read_feature_names(self) -> list[str]:
+        schema = self._schema()
+        columns = list(schema.names)
+        if self.features is not None:  # checked against the file when read (align or error)
+            return self._expand(list(self.features), schema)
+        if self.feature_prefix is not None:
+            names = [c for c in columns if c.startswith(self.feature_prefix)]
+            what = f"prefix {self.feature_prefix!r}"
+        else:
+            pattern = re.compile(self.feature_regex)
+            names = [c for c in columns if pattern.search(c)]
+            what = f"regex {self.feature_regex!r}"
+        if not names:
+            raise DataError(f"{self.file}: no column matches the feature {what}; columns: {columns[:10]}...")
+        return self._expand(names, schema)
+
+    def _expand(self, names: list[str], schema: pa.Schema) -> list[str]:
+        """Feature names with each list column replaced by the names of its elements."""
+        out = []
+        for name in names:
+            if name in schema.names and is_vector_type(schema.field(name).type):
+                width = vector_width(self.file, self._read_table([name]).column(name), name)
+                out += [f"{name}[{i}]" for i in range(width)]
+            else:
+                out.append(name)
+        return out
+
+    def num_rows(self) -> int:
+        if self._is_parquet:
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(self.file).metadata.num_rows
+        return self._read_table().num_rows
+
+    def read_metadata(self, columns: list[str] | None = None) -> pd.DataFrame:
+        schema = self._schema()
+        names = schema.names
+        if columns is None:
+            features = set(feature_columns(self.feature_names(), schema))
+            columns = [c for c in names if c not in features]
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise DataError(f"{self.file}: has no column(s) {missing}; available: {names[:20]}...")
+        return self._read_table(columns).to_pandas()
+
+    def _own_columns(self, wanted: list[str]) -> list[str]:
+        """The features of ``wanted`` this file has (a column, or an element of a list column)."""
+        schema = self._schema()
+        return [name for name in wanted if feature_column(name, schema) in schema.names]
+
+    def _read_raw(self, rows: np.ndarray | None) -> Matrix:
+        names = self.feature_names()
+        if self.features is not None:
+            check_feature_columns(self.file, self._schema(), names)
+        return self._read_columns(self._own_columns(names), rows)
+
+    def _read_columns(self, names: list[str], rows: np.ndarray | None) -> np.ndarray:
+        """Features ``names`` (of columns this file has) of ``rows`` (all when None)."""
+        table = self._read_table(feature_columns(names, self._schema()))
+        check_feature_columns(self.file, table.schema, names)
+        if rows is not None:
+            table = table.take(pa.array(np.asarray(rows, dtype=np.int64)))
+        return features_block(self.file, table, names)
+
+    def row_store(self, cache_dir: str | Path | None = None) -> RowStore:
+        """Rows read from a row-major ``.npy`` cache of the feature columns, built once (Arrow has no fast
+        random row access); see :func:`unimodality.streaming.table_cache`."""
+        from unimodality.streaming import NpyStore, table_cache
+
+        return NpyStore(table_cache(self, cache_dir))
+
+    def _read_aligned(self, rows: np.ndarray | None, align_to: list[str]) -> Matrix:
+        # read only the model's columns that this file has, by name
+        available = self._own_columns(align_to)
+        if not available:
+            raise DataError(
+                f"{self.file}: none of the model's {len(align_to)} feature columns are in this file "
+                f"(model expects e.g. {align_to[:3]})"
+            )
+        return align_features(self._read_columns(available, rows), available, align_to, self.file)
