@@ -9,6 +9,7 @@ an error that names the file, column or row at fault.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -26,6 +27,9 @@ from unimodality.errors import DataError
 from unimodality.paths import resolve_path
 
 Matrix = np.ndarray | sp.csr_matrix
+#: a row filter: metadata column -> the values it selects
+RowFilter = dict[str, list[str | int | float | bool]]
+log = logging.getLogger(__name__)
 Transform = Literal["none", "log1p", "normalize_log1p", "clr"]
 
 
@@ -39,6 +43,14 @@ class ModalitySource(RecordsInitArgs):
         transform: per-row transform applied after reading (and after aligning features by name):
             ``log1p``; ``normalize_log1p`` (scale each row to 10,000 counts, then log1p: counts);
             ``clr`` (centred log-ratio per row: protein counts).
+        include: keep only rows whose metadata column holds one of the listed values, per column, e.g.
+            ``{cell_line: [A549]}`` (several columns: all must match).
+        exclude: leave out rows whose metadata column holds one of the listed values, e.g.
+            ``{has_control: [true]}`` to drop control wells. Filters apply before pairing, splitting and
+            prediction, are logged with counts, and are stored in the checkpoint so that ``predict`` filters
+            new files alike (``--data.source_options '{"exclude": null}'`` embeds every row). Values are
+            compared as they are and as text (``7`` matches ``"7"``); a missing column, or a listed value
+            found in no row, is an error.
     """
 
     format: str = ""
@@ -47,13 +59,23 @@ class ModalitySource(RecordsInitArgs):
     #: rows the returned object's ``take(rows)`` turns into a batch (``graphs``, ``images``)
     input_kind: str = "vectors"
 
-    def __init__(self, path: str, key_columns: list[str] | None = None, transform: Transform = "none") -> None:
+    def __init__(
+        self, path: str, key_columns: list[str] | None = None, transform: Transform = "none",
+        include: RowFilter | None = None, exclude: RowFilter | None = None,
+    ) -> None:
         if transform not in ("none", "log1p", "normalize_log1p", "clr"):
             raise ValueError(f"unknown transform {transform!r}; expected none, log1p, normalize_log1p or clr")
+        for name, given in (("include", include), ("exclude", exclude)):
+            bad = [column for column, values in (given or {}).items() if not isinstance(values, list | tuple)]
+            if bad:
+                raise ValueError(f"{type(self).__name__}: {name} maps columns to lists of values; {bad} do not")
         self.path = path
         self.key_columns = key_columns
         self.transform = transform
+        self.include = dict(include or {})
+        self.exclude = dict(exclude or {})
         self._feature_names: list[str] | None = None
+        self._filtered: np.ndarray | None = None
 
     @property
     def file(self) -> Path:
@@ -84,11 +106,53 @@ class ModalitySource(RecordsInitArgs):
         raise DataError(f"{self.file}: {type(self).__name__} cannot be streamed from disk; keep it in memory "
                         "(leave data.streaming off)")
 
-    def usable_rows(self) -> np.ndarray | None:
-        """Boolean mask of the rows that can be used, or None when all can (e.g. dropped invalid SMILES)."""
+    def valid_rows(self) -> np.ndarray | None:
+        """Boolean mask of the rows the source can read, or None when all can (e.g. parsable SMILES)."""
         return None
 
     # -- shared behaviour -------------------------------------------------------------------------
+    def usable_rows(self) -> np.ndarray | None:
+        """Boolean mask of the rows to use (kept by the row filters, and valid), or None when all are."""
+        kept, valid = self.filtered_rows(), self.valid_rows()
+        if kept is None or valid is None:
+            return valid if kept is None else kept
+        return kept & valid
+
+    def filtered_rows(self) -> np.ndarray | None:
+        """Boolean mask of the rows ``include``/``exclude`` keep (None without filters); computed once."""
+        if not self.include and not self.exclude:
+            return None
+        if self._filtered is None:
+            self._filtered = self._apply_filters()
+        return self._filtered
+
+    def _apply_filters(self) -> np.ndarray:
+        columns = list(dict.fromkeys([*self.include, *self.exclude]))
+        available = self.read_metadata().columns
+        missing = [c for c in columns if c not in available]
+        if missing:
+            raise DataError(f"{self.file}: row filter column(s) {missing} not found; metadata columns: "
+                            f"{list(available)[:20]}")
+        meta = self.read_metadata(columns)
+        keep = np.ones(len(meta), dtype=bool)
+        counts = []
+        for kind, filters in (("include", self.include), ("exclude", self.exclude)):
+            for column, values in filters.items():
+                match = _matches(meta[column], values)
+                found = {str(v) for v in values if _matches(meta[column], [v]).any()}
+                absent = [v for v in values if str(v) not in found]
+                if absent:
+                    raise DataError(
+                        f"{self.file}: {kind} filter {column}: {absent} matches no row; the column holds e.g. "
+                        f"{pd.unique(meta[column].astype(str))[:5].tolist()}"
+                    )
+                keep &= match if kind == "include" else ~match
+                counts.append(f"{kind} {column} in {list(values)}: {int(match.sum())} rows")
+        if not keep.any():
+            raise DataError(f"{self.file}: the row filters ({'; '.join(counts)}) leave no row")
+        log.info("%s: row filters keep %d of %d rows (%s)", self.file, keep.sum(), len(keep), "; ".join(counts))
+        return keep
+
     def feature_names(self) -> list[str]:
         if self._feature_names is None:
             names = [str(n) for n in self._read_feature_names()]
@@ -302,6 +366,12 @@ def read_table(file: Path, columns: list[str] | None = None) -> pa.Table:
 
 #: a feature taken from element ``index`` of a list column: ``pheno_embedding[3]``
 VECTOR_FEATURE = re.compile(r"^(?P<column>.+)\[(?P<index>\d+)\]$")
+
+
+def _matches(column: pd.Series, values: list[Any]) -> np.ndarray:
+    """Rows of ``column`` holding one of ``values``, compared as they are and as text."""
+    plain = column.isin(values).to_numpy(dtype=bool)
+    return plain | column.astype(str).isin([str(v) for v in values]).to_numpy(dtype=bool)
 
 
 def is_vector_type(kind: pa.DataType) -> bool:

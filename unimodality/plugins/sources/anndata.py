@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from unimodality.errors import DataError
-from unimodality.sources import Matrix, ModalitySource, Transform
+from unimodality.sources import Matrix, ModalitySource, RowFilter, Transform
 
 if TYPE_CHECKING:
     from unimodality.streaming import RowStore
@@ -27,6 +27,8 @@ class AnnDataSource(ModalitySource):
         obsm: read ``obsm[obsm]`` (an embedding) instead of ``X``; features are named ``{obsm}_{i}``.
         key_columns: see :class:`ModalitySource`.
         transform: see :class:`ModalitySource`.
+        include: keep only rows whose metadata holds the listed values; see :class:`ModalitySource`.
+        exclude: leave out rows whose metadata holds the listed values; see :class:`ModalitySource`.
     """
 
     format = "h5ad"
@@ -39,8 +41,10 @@ class AnnDataSource(ModalitySource):
         obsm: str | None = None,
         key_columns: list[str] | None = None,
         transform: Transform = "none",
+        include: RowFilter | None = None,
+        exclude: RowFilter | None = None,
     ) -> None:
-        super().__init__(path, key_columns=key_columns, transform=transform)
+        super().__init__(path, key_columns=key_columns, transform=transform, include=include, exclude=exclude)
         if layer is not None and obsm is not None:
             raise ValueError("AnnDataSource: give layer or obsm, not both")
         self.layer = layer

@@ -31,7 +31,7 @@ import torch
 from unimodality.errors import DataError
 from unimodality.paths import resolve_path
 from unimodality.plugins.sources.formats import read_metadata_of
-from unimodality.sources import ModalitySource
+from unimodality.sources import ModalitySource, RowFilter
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +303,8 @@ class ImageSource(ModalitySource):
         std: per-channel standard deviations, likewise.
         stats_sample: how many images (evenly spaced over the file) the statistics are computed from.
         key_columns: see :class:`~unimodality.sources.ModalitySource`.
+        include: keep only rows whose metadata holds the listed values; see :class:`ModalitySource`.
+        exclude: leave out rows whose metadata holds the listed values; see :class:`ModalitySource`.
     """
 
     format = "images"
@@ -323,8 +325,10 @@ class ImageSource(ModalitySource):
         std: list[float] | dict[str, float] | None = None,
         stats_sample: int = 512,
         key_columns: list[str] | None = None,
+        include: RowFilter | None = None,
+        exclude: RowFilter | None = None,
     ) -> None:
-        super().__init__(path, key_columns=key_columns)
+        super().__init__(path, key_columns=key_columns, include=include, exclude=exclude)
         given = [images is not None, image_column is not None, channel_columns is not None]
         if sum(given) != 1:
             raise ValueError(

@@ -28,7 +28,7 @@ import torch
 
 from unimodality.errors import DataError
 from unimodality.plugins.sources.formats import read_metadata_of
-from unimodality.sources import ModalitySource
+from unimodality.sources import ModalitySource, RowFilter
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,8 @@ class MoleculeSource(ModalitySource):
             lists the first offending rows and their count) or ``drop`` (leave those rows out and report
             how many were dropped).
         key_columns: see :class:`~unimodality.sources.ModalitySource`.
+        include: keep only rows whose metadata holds the listed values; see :class:`ModalitySource`.
+        exclude: leave out rows whose metadata holds the listed values; see :class:`ModalitySource`.
     """
 
     format = "molecules"
@@ -168,8 +170,10 @@ class MoleculeSource(ModalitySource):
         smiles_column: str = "smiles",
         invalid: Literal["error", "drop"] = "error",
         key_columns: list[str] | None = None,
+        include: RowFilter | None = None,
+        exclude: RowFilter | None = None,
     ) -> None:
-        super().__init__(path, key_columns=key_columns)
+        super().__init__(path, key_columns=key_columns, include=include, exclude=exclude)
         if invalid not in ("error", "drop"):
             raise ValueError(f"MoleculeSource: invalid must be 'error' or 'drop', got {invalid!r}")
         self.smiles_column = smiles_column
@@ -194,7 +198,7 @@ class MoleculeSource(ModalitySource):
     def num_rows(self) -> int:
         return len(self.smiles())
 
-    def usable_rows(self) -> np.ndarray | None:
+    def valid_rows(self) -> np.ndarray | None:
         """Rows with a parsable SMILES; with ``invalid="error"`` any other row is an error."""
         if self._usable is None:
             smiles = self.smiles()
@@ -230,7 +234,7 @@ class MoleculeSource(ModalitySource):
                 f"the model's molecule tower was trained on {len(align_to)} atom features that differ from this "
                 f"version's {len(ATOM_FEATURES)} ({ATOM_FEATURES[:3]}...): featurise with the version that trained it"
             )
-        usable = self.usable_rows()
+        usable = self.valid_rows()
         rows = np.arange(self.num_rows()) if rows is None else np.asarray(rows)
         if usable is not None and not usable[rows].all():
             raise DataError(f"{self.file}: asked for rows whose SMILES cannot be parsed: {rows[~usable[rows]][:5]}")

@@ -14,6 +14,7 @@ from unimodality.errors import DataError
 from unimodality.sources import (
     Matrix,
     ModalitySource,
+    RowFilter,
     Transform,
     align_features,
     check_feature_columns,
@@ -44,6 +45,8 @@ class TableSource(ModalitySource):
         feature_regex: every column whose name matches this regular expression is a feature.
         key_columns: see :class:`ModalitySource`.
         transform: see :class:`ModalitySource`.
+        include: keep only rows whose metadata holds the listed values; see :class:`ModalitySource`.
+        exclude: leave out rows whose metadata holds the listed values; see :class:`ModalitySource`.
     """
 
     format = "table"
@@ -57,8 +60,10 @@ class TableSource(ModalitySource):
         feature_regex: str | None = None,
         key_columns: list[str] | None = None,
         transform: Transform = "none",
+        include: RowFilter | None = None,
+        exclude: RowFilter | None = None,
     ) -> None:
-        super().__init__(path, key_columns=key_columns, transform=transform)
+        super().__init__(path, key_columns=key_columns, transform=transform, include=include, exclude=exclude)
         given = [x is not None for x in (features, feature_prefix, feature_regex)]
         if sum(given) != 1:
             raise ValueError(
