@@ -15,13 +15,17 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from unimodality.paths import SCHEME, resolve_path  # noqa: F401 - resolve_path: its home before paths.py
 
 VERSION = "v2"
-FILES = ("transcriptomics.h5ad", "phenomics.parquet", "phenomics_images.npy")
+FILES = ("transcriptomics.h5ad", "phenomics.parquet", "phenomics_images.npy", "embeddings_transcriptomics.h5ad",
+         "embeddings_phenomics.parquet")
+#: the control compound of the embeddings-format files (DMSO), at concentration 0
+CONTROL_SMILES = "CS(C)=O"
 #: channel names of the example images (Cell Painting's stains)
 IMAGE_CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
 
@@ -60,7 +64,9 @@ def make_example_data(
     image_size: int = 24,
 ) -> dict[str, Path]:
     """Write ``transcriptomics.h5ad`` (CSR counts), ``phenomics.parquet`` and ``phenomics_images.npy``
-    (uint8 images ``(wells, 5, image_size, image_size)``, one per row of the table) into ``out_dir``.
+    (uint8 images ``(wells, 5, image_size, image_size)``, one per row of the table) into ``out_dir``, and
+    the same perturbations as research teams' files have them (see :func:`embeddings_format`):
+    ``embeddings_transcriptomics.h5ad`` and ``embeddings_phenomics.parquet``.
 
     Files are written under temporary names and renamed, so concurrent callers (several DDP ranks) and
     interrupted runs never leave a half-written file behind.
@@ -134,7 +140,8 @@ def make_example_data(
     ph_meta, ph_keys = metadata(rng.integers(replicates[0], replicates[1] + 1, len(keys)), "ph")
     readout = rng.normal(size=(latent_dim, n_features)) / np.sqrt(latent_dim)
     features = np.tanh(latent[ph_keys] @ readout) + rng.normal(0, 1.6, (len(ph_keys), n_features))
-    features = (features - features.mean(0)) / features.std(0)
+    well_mean, well_std = features.mean(0), features.std(0)
+    features = (features - well_mean) / well_std
     ph_meta["well"] = ph_meta.index
     table = pa.Table.from_pandas(ph_meta.reset_index(drop=True), preserve_index=False)
     for i in range(n_features):
@@ -143,11 +150,24 @@ def make_example_data(
     # images of the phenomics wells, from a random stream of their own: the other files stay as they were
     images = well_images(latent[ph_keys], np.random.default_rng([seed, 1]), image_size)
 
+    # controls (no effect: latent 0) for the embeddings-format files, from a random stream of their own
+    control_rng = np.random.default_rng([seed, 2])
+    control_logits = baseline + control_rng.normal(0, 0.8, (24, n_genes))
+    control_rates = np.exp(control_logits - control_logits.max(axis=1, keepdims=True))
+    control_rates /= control_rates.sum(axis=1, keepdims=True)
+    control_counts = control_rng.poisson(control_rates * control_rng.lognormal(np.log(1500), 0.4, (24, 1)))
+    control_features = (control_rng.normal(0, 1.6, (24, n_features)) - well_mean) / well_std  # tanh(0) = 0
+    embedding_tx, embedding_ph = embeddings_format(
+        tx, table, sp.csr_matrix(control_counts.astype(np.float32)), control_features.astype(np.float32),
+        np.random.default_rng([seed, 3]))
+
     paths = {name: out / name for name in FILES}
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         tx.write_h5ad(Path(tmp) / "transcriptomics.h5ad")
         pq.write_table(table, Path(tmp) / "phenomics.parquet")
         np.save(Path(tmp) / "phenomics_images.npy", images)
+        embedding_tx.write_h5ad(Path(tmp) / "embeddings_transcriptomics.h5ad")
+        pq.write_table(embedding_ph, Path(tmp) / "embeddings_phenomics.parquet")
         for name, path in paths.items():
             os.replace(Path(tmp) / name, path)
     return paths
@@ -183,3 +203,71 @@ def well_images(latent: np.ndarray, rng: np.random.Generator, size: int = 24, ma
     images += rng.normal(0, 0.08, images.shape).astype(np.float32)
     scale = np.quantile(images, 0.999, axis=(0, 2, 3))[None, :, None, None]
     return np.clip(np.round(10 + 220 * images / scale), 0, 255).astype(np.uint8)
+
+
+def embeddings_format(
+    tx: Any, table: Any, control_counts: Any, control_features: np.ndarray, rng: np.random.Generator,
+    embedding_dim: int = 32,
+) -> tuple[Any, Any]:
+    """The example perturbations as a drug-discovery team's files hold them (the template of
+    ``configs/clip_embeddings_format.yaml``):
+
+    * transcriptomics ``.h5ad``: counts in ``X`` and a foundation-model embedding in ``obsm["scVI"]`` (here a
+      stand-in: 32 principal components of the log-normalised counts) with a batch-corrected twin
+      ``obsm["scVICenterScale"]`` (centred and scaled per experiment); keys ``canonical_smiles`` +
+      ``treatment_concentration`` (float64, in mM: 0.1 and 1.0);
+    * phenomics parquet: image-model embeddings of wells in ONE list column ``pheno_embedding`` (float32
+      vectors), keys ``smiles`` + ``original_concentration`` (float32: 0.1 is not the float64 0.1);
+    * both: control wells (DMSO, ``has_control`` true, 3 per experiment) and ``experiment_id``: training
+      compounds spread over EXP1-EXP6, validation compounds in EXP7, test compounds in EXP8.
+    """
+    import anndata as ad
+    import pandas as pd
+    import pyarrow as pa
+    import scipy.sparse as sp
+
+    compounds = pd.unique(tx.obs["smiles"])
+    split_of = tx.obs.drop_duplicates("smiles").set_index("smiles")["split"]
+    train_experiment = dict(zip(compounds, rng.integers(1, 7, len(compounds))))
+    named = {"val": "EXP7", "test": "EXP8"}
+
+    def experiment(smiles: pd.Series) -> list[str]:
+        return [named.get(split_of[s], f"EXP{train_experiment[s]}") for s in smiles]
+
+    experiments = [f"EXP{i}" for i in range(1, 9)]
+    controls = pd.DataFrame({"smiles": CONTROL_SMILES, "concentration": 0.0,
+                             "experiment_id": np.repeat(experiments, 3), "has_control": True})
+
+    obs = tx.obs[["smiles", "concentration"]].copy()
+    obs["experiment_id"] = experiment(obs["smiles"])
+    obs["has_control"] = False
+    control_obs = controls.set_axis([f"ctl_tx{i:03d}" for i in range(len(controls))])
+    obs = pd.concat([obs, control_obs])
+    counts = sp.vstack([tx.X, control_counts]).tocsr()
+    normalised = np.log1p(counts.multiply(1e4 / counts.sum(axis=1)).toarray())
+    centred = normalised - normalised.mean(0)
+    u, singular, _ = np.linalg.svd(centred, full_matrices=False)
+    scvi = (u[:, :embedding_dim] * singular[:embedding_dim]).astype(np.float32)
+    corrected = scvi.copy()
+    for name in experiments:  # the batch-corrected twin: centred and scaled per experiment
+        rows = (obs["experiment_id"] == name).to_numpy()
+        corrected[rows] = (scvi[rows] - scvi[rows].mean(0)) / (scvi[rows].std(0) + 1e-6)
+    obs = obs.rename(columns={"smiles": "canonical_smiles", "concentration": "treatment_concentration"})
+    obs["treatment_concentration"] = obs["treatment_concentration"].to_numpy(np.float64) * 0.1
+    adata = ad.AnnData(X=counts.astype(np.float32), obs=obs, var=tx.var.copy())
+    adata.obsm["scVI"] = scvi
+    adata.obsm["scVICenterScale"] = corrected.astype(np.float32)
+
+    meta = table.select(["smiles", "concentration", "well"]).to_pandas()
+    features = np.column_stack([table.column(name).to_numpy() for name in table.column_names
+                                if name.startswith("feat_")]).astype(np.float32)
+    meta["experiment_id"] = experiment(meta["smiles"])
+    meta["has_control"] = False
+    control_meta = controls.assign(well=[f"ctl_ph{i:03d}" for i in range(len(controls))])
+    meta = pd.concat([meta, control_meta], ignore_index=True)
+    meta = meta.rename(columns={"concentration": "original_concentration"})
+    meta["original_concentration"] = (meta["original_concentration"].to_numpy(np.float64) * 0.1).astype(np.float32)
+    vectors = np.concatenate([features, control_features])
+    phenomics = pa.Table.from_pandas(meta, preserve_index=False).append_column(
+        "pheno_embedding", pa.array(list(vectors), type=pa.list_(pa.float32())))
+    return adata, phenomics

@@ -287,12 +287,14 @@ class PairedDataModule(SplitDataModule):
         if not with_split:
             files = ", ".join(str(s.file) for s in self.sources.values())
             raise DataError(f"split column {self.split_column!r} is in none of the files ({files})")
-        labels = {name: metas[name][self.split_column] for name in with_split}
+        # rows left out (row filters, unusable rows: key code -1) belong to no split
+        used = {name: row_codes[name] >= 0 for name in with_split}
+        labels = {name: metas[name][self.split_column][used[name]] for name in with_split}
         if self.split_values is not None:
             check_named_values_found(self.split_values, self.split_column, labels.values(),
                                      ", ".join(str(self.sources[n].file) for n in with_split))
             labels = {name: named_splits(values, self.split_values) for name, values in labels.items()}
-        labelled = [(self.sources[name].file, row_codes[name], labels[name]) for name in with_split]
+        labelled = [(self.sources[name].file, row_codes[name][used[name]], labels[name]) for name in with_split]
         return split_of_keys(labelled, self.split_column, shared_codes, self.keys, uniques)
 
     # -- Lightning hooks ---------------------------------------------------------------------------
