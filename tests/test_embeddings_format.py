@@ -74,3 +74,36 @@ def test_the_config_trains_and_predict_applies_its_filter(example_data_dir, tmp_
     code, printed = run(["predict", "--ckpt_path", str(checkpoint), "--data.path", str(h5ad), "--data.output",
                          str(tmp_path / "cells.h5ad"), "--trainer.enable_progress_bar", "false"])
     assert code == 0, printed
+
+
+def test_training_draws_among_alternative_representations_and_evaluation_uses_the_first(example_data_dir):
+    import anndata as ad
+    import torch
+
+    config = yaml.safe_load(CONFIG.read_text())
+    tx = config["data"]["init_args"]["modalities"]["tx"]["init_args"]
+    tx.update(obsm_alternatives=["scVICenterScale"], alternative_weights=[0.25, 0.75])
+    dm = datamodule_of(config)
+    dm.setup("fit")
+    adata = ad.read_h5ad(resolve_path("example://embeddings_transcriptomics.h5ad"))
+    raw, corrected = adata.obsm["scVI"], adata.obsm["scVICenterScale"]
+    torch.manual_seed(0)
+    train = dm.datasets["train"]
+    batch = train.__getitems__(list(range(len(train))) * 4)["tx"].numpy()
+    from_raw = np.isin(batch.view([("", batch.dtype)] * batch.shape[1]), raw.view([("", raw.dtype)] * raw.shape[1]))
+    from_corrected = np.isin(batch.view([("", batch.dtype)] * batch.shape[1]),
+                             corrected.view([("", corrected.dtype)] * corrected.shape[1]))
+    assert (from_raw | from_corrected).all()
+    assert 0.65 < from_corrected.mean() < 0.85  # drawn with weight 0.75
+    val = dm.datasets["val"].__getitems__(list(range(len(dm.datasets["val"]))))["tx"].numpy()
+    assert np.isin(val.view([("", val.dtype)] * val.shape[1]), raw.view([("", raw.dtype)] * raw.shape[1])).all()
+
+
+def test_alternative_representations_settings_are_checked(example_data_dir):
+    import pytest
+
+    path = "example://embeddings_transcriptomics.h5ad"
+    with pytest.raises(ValueError, match="set obsm too"):
+        AnnDataSource(path, obsm_alternatives=["scVICenterScale"])
+    with pytest.raises(ValueError, match="one non-negative weight"):
+        AnnDataSource(path, obsm="scVI", obsm_alternatives=["scVICenterScale"], alternative_weights=[1.0])

@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
+import torch
 
 from unimodality.config import RecordsInitArgs, class_path
 from unimodality.errors import DataError
@@ -105,6 +106,11 @@ class ModalitySource(RecordsInitArgs):
         feature vectors implement it."""
         raise DataError(f"{self.file}: {type(self).__name__} cannot be streamed from disk; keep it in memory "
                         "(leave data.streaming off)")
+
+    def read_alternatives(self, rows: np.ndarray | None) -> tuple[list[Matrix], list[float]] | None:
+        """Other representations of ``rows`` to draw from in training, with the weights of all (this one
+        first); ``None`` when the source has none (see ``AnnDataSource.obsm_alternatives``)."""
+        return None
 
     def valid_rows(self) -> np.ndarray | None:
         """Boolean mask of the rows the source can read, or None when all can (e.g. parsable SMILES)."""
@@ -472,3 +478,32 @@ def features_block(file: Path, table: pa.Table, names: list[str], first_row: int
 
 def _is_numeric(kind: pa.DataType) -> bool:
     return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+
+
+class Alternatives:
+    """Rows with several representations (e.g. raw and batch-corrected embeddings of the same cells): each row
+    taken into a batch is drawn from one of them, with the given weights (torch's RNG: it follows the seed).
+
+    Args:
+        matrices: the representations, rows aligned, of the same width.
+        weights: how often each is drawn.
+    """
+
+    def __init__(self, matrices: list[Matrix], weights: list[float]) -> None:
+        self.matrices = matrices
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+
+    def __len__(self) -> int:
+        return self.matrices[0].shape[0]
+
+    def take(self, rows: np.ndarray) -> torch.Tensor:
+        from unimodality.batch import take_rows
+
+        rows = np.asarray(rows)
+        choice = torch.multinomial(self.weights, len(rows), replacement=True).numpy()
+        out = torch.empty((len(rows), self.matrices[0].shape[1]), dtype=torch.float32)
+        for j, matrix in enumerate(self.matrices):
+            picked = np.flatnonzero(choice == j)
+            if len(picked):
+                out[torch.from_numpy(picked)] = take_rows(matrix, rows[picked])
+        return out

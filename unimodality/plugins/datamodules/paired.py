@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from unimodality.datamodule import GROUP, INDEX, SplitDataModule, check_sizes, collate_batch, take_rows
 from unimodality.errors import DataError
 from unimodality.sampling import BatchesOf, ReplicateBatchSampler
-from unimodality.sources import Matrix, ModalitySource
+from unimodality.sources import Alternatives, Matrix, ModalitySource
 from unimodality.splits import (
     KEY_DIGITS,
     check_fractions,
@@ -315,15 +315,23 @@ class PairedDataModule(SplitDataModule):
                 log.warning("the %r split holds no perturbation shared by all modalities", s)
         in_memory = tuple(s for s in wanted if not (self.streaming and s == "train"))
         if len(in_memory) < len(wanted):
+            with_alternatives = [n for n, src in self.sources.items() if src.read_alternatives(np.zeros(0, int))]
+            if with_alternatives:
+                raise ValueError(f"modalities {with_alternatives}: alternative representations are drawn in memory; "
+                                 "leave data.streaming off, or drop obsm_alternatives")
             self.datasets["train"] = self._streaming_train(row_codes, shared_codes[split == "train"])
         keep = shared_codes[np.isin(split, in_memory)]
         # read only the rows of the splits this stage needs; map file rows to rows of the read block
-        features, local_codes = {}, {}
+        features, local_codes, drawn = {}, {}, {}
         for name, source in self.sources.items():
             rows = np.flatnonzero(np.isin(row_codes[name], keep))
             features[name] = source.read_features(rows)
             local_codes[name] = row_codes[name][rows]
+            alternatives = source.read_alternatives(rows) if "train" in in_memory else None
+            if alternatives is not None:  # training draws among a source's representations
+                drawn[name] = Alternatives([features[name], *alternatives[0]], alternatives[1])
             source.close()
+        train_features = {**features, **drawn}
         for s in in_memory:
             codes = shared_codes[split == s]  # sorted, as shared_codes is
             if len(codes) == 0:
@@ -333,7 +341,8 @@ class PairedDataModule(SplitDataModule):
                             "construction (chance is 1.0 too); hold out more perturbations to measure retrieval",
                             s, tuple(self.keys))
             members = {name: members_of(codes, c) for name, c in local_codes.items()}
-            self.datasets[s] = PairedDataset(features, members, codes, random=(s == "train"))
+            self.datasets[s] = PairedDataset(train_features if s == "train" else features, members, codes,
+                                             random=(s == "train"))
         sizes = ", ".join(
             f"{s}: {len(np.unique(self.datasets[s].groups))} perturbations"
             + (f" ({len(d)} {d.name} rows streamed)" if isinstance(d, StreamingDataset) else "")

@@ -25,6 +25,12 @@ class AnnDataSource(ModalitySource):
         path: the ``.h5ad`` file.
         layer: read ``layers[layer]`` instead of ``X``.
         obsm: read ``obsm[obsm]`` (an embedding) instead of ``X``; features are named ``{obsm}_{i}``.
+        obsm_alternatives: other ``obsm`` keys holding other representations of the same rows (e.g.
+            ``[scVICenterScale]`` beside ``obsm: scVI``: raw and batch-corrected embeddings), of the same
+            width. Training draws one representation per example, as augmentation ("perturbation embedding
+            augmentation"); validation, testing and predict use ``obsm``.
+        alternative_weights: how often each representation is drawn in training: ``obsm`` first, then the
+            alternatives in order (default: equally often).
         key_columns: see :class:`ModalitySource`.
         transform: see :class:`ModalitySource`.
         include: keep only rows whose metadata holds the listed values; see :class:`ModalitySource`.
@@ -39,6 +45,8 @@ class AnnDataSource(ModalitySource):
         path: str,
         layer: str | None = None,
         obsm: str | None = None,
+        obsm_alternatives: list[str] | None = None,
+        alternative_weights: list[float] | None = None,
         key_columns: list[str] | None = None,
         transform: Transform = "none",
         include: RowFilter | None = None,
@@ -47,8 +55,20 @@ class AnnDataSource(ModalitySource):
         super().__init__(path, key_columns=key_columns, transform=transform, include=include, exclude=exclude)
         if layer is not None and obsm is not None:
             raise ValueError("AnnDataSource: give layer or obsm, not both")
+        alternatives = list(obsm_alternatives or [])
+        if alternatives and obsm is None:
+            raise ValueError("AnnDataSource: obsm_alternatives are other obsm keys beside obsm; set obsm too")
+        if alternative_weights is not None:
+            weights = np.asarray(alternative_weights, dtype=np.float64)
+            if len(weights) != 1 + len(alternatives) or (weights < 0).any() or not weights.sum() > 0:
+                raise ValueError(
+                    f"AnnDataSource: alternative_weights {list(alternative_weights)} must give one non-negative "
+                    f"weight to obsm and each of the {len(alternatives)} obsm_alternatives, not all zero"
+                )
         self.layer = layer
         self.obsm = obsm
+        self.obsm_alternatives = alternatives
+        self.alternative_weights = alternative_weights
 
     @property
     def element_key(self) -> str:
@@ -99,6 +119,23 @@ class AnnDataSource(ModalitySource):
                 )
             obs = obs[columns]
         return obs
+
+    def read_alternatives(self, rows: np.ndarray | None) -> tuple[list[Matrix], list[float]] | None:
+        """The rows ``rows`` in each ``obsm_alternatives`` representation (transformed like ``obsm``), with the
+        weights of all representations (``obsm`` first); ``None`` without alternatives."""
+        if not self.obsm_alternatives:
+            return None
+        matrices = []
+        for key in self.obsm_alternatives:
+            other = AnnDataSource(self.path, obsm=key, transform=self.transform)
+            if len(other.feature_names()) != len(self.feature_names()):
+                raise DataError(
+                    f"{self.file}: obsm[{key!r}] has {len(other.feature_names())} columns, obsm[{self.obsm!r}] "
+                    f"{len(self.feature_names())}: alternative representations must have the same width"
+                )
+            matrices.append(other.read_features(rows))
+        weights = self.alternative_weights or [1.0] * (1 + len(matrices))
+        return matrices, [float(w) for w in weights]
 
     def row_store(self, cache_dir: str | Path | None = None) -> RowStore:
         """The file's matrix read in place, batch by batch (dense, or CSR with only the row pointers in RAM)."""
