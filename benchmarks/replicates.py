@@ -10,6 +10,16 @@ recall@1 and MRR (mean of both directions) with their chance levels, over seeds.
 ``python benchmarks/replicates.py [--seeds 3] [--epochs 40]`` (a few minutes on 2 CPU cores); writes
 ``benchmarks/results/replicates.json``. The shared real datasets have no paired modalities measured on
 replicate wells (CITE-seq pairs single cells; the LINCS plate is phenomics only), so they are not used here.
+
+Seen (3 seeds, 200 steps, 40 validation perturbations; median +- SD; chance recall@1 0.025, MRR 0.107):
+
+| layout | k = 1 recall@1 / MRR | k = 2 | k = 4 |
+| --- | --- | --- | --- |
+| counts | 0.575 +- 0.024 / 0.754 +- 0.008 | 0.587 / 0.771 +- 0.006 | 0.613 +- 0.026 / 0.787 +- 0.013 |
+| embeddings | 0.562 +- 0.033 / 0.768 +- 0.016 | 0.575 / 0.778 +- 0.019 | 0.575 / 0.778 +- 0.018 |
+
+Replicates in the batch help on the counts layout (MRR +0.033 at k = 4, about three seed SDs) and change little
+on the embeddings layout (+0.010, within the spread); the default stays k = 1.
 """
 
 from __future__ import annotations
