@@ -489,7 +489,8 @@ def test_describe_anndata(h5ad_files):
     described = source.describe()
     assert described == {
         "class_path": "unimodality.plugins.sources.anndata.AnnDataSource",
-        "init_args": {"layer": "scaled", "obsm": None, "key_columns": ["sample"], "transform": "log1p"},
+        "init_args": {"layer": "scaled", "obsm": None, "obsm_alternatives": None, "alternative_weights": None,
+                      "key_columns": ["sample"], "transform": "log1p", "include": None, "exclude": None},
         "features": GENES,
         "input": "vectors",
     }
@@ -507,7 +508,7 @@ def test_describe_table_resolves_prefix(parquet_file):
     assert described["features"] == features
     assert described["init_args"] == {
         "features": features, "feature_prefix": None, "feature_regex": None, "key_columns": None,
-        "transform": "clr",
+        "transform": "clr", "include": None, "exclude": None,
     }
     rebuilt = TableSource(str(parquet_file), **described["init_args"])
     np.testing.assert_array_equal(rebuilt.read_features(empty_rows="warn"), source.read_features(empty_rows="warn"))
@@ -644,3 +645,50 @@ def test_the_lincs_plate_as_a_list_column_gives_the_scalar_columns_features(shar
     assert len(vector.feature_names()) == len(features) == 454
     np.testing.assert_array_equal(vector.read_features(), scalar.read_features())
     pd.testing.assert_frame_equal(vector.read_metadata(), scalar.read_metadata())
+
+
+# -- sharded tables: a folder of parquet files read as one -----------------------------------------------------
+
+def test_a_folder_of_parquet_files_reads_as_the_single_file(tmp_path, example_data_dir):
+    from unimodality.paths import resolve_path
+    from unimodality.streaming import open_store
+
+    table = pq.read_table(resolve_path("example://phenomics.parquet"))
+    pq.write_table(table, tmp_path / "single.parquet")
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    bounds = np.linspace(0, table.num_rows, 9).astype(int)
+    for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        pq.write_table(table.slice(start, stop - start), folder / f"part-{i:02d}.parquet")
+    single = TableSource(str(tmp_path / "single.parquet"), feature_prefix="feat_")
+    sharded = TableSource(str(folder), feature_prefix="feat_")
+    assert source_for(folder) is TableSource and sharded.num_rows() == single.num_rows()
+    np.testing.assert_array_equal(sharded.read_features(), single.read_features())
+    rows = np.array([5, 900, 3, 2000])
+    np.testing.assert_array_equal(sharded.read_features(rows), single.read_features(rows))
+    pd.testing.assert_frame_equal(sharded.read_metadata(), single.read_metadata())
+    # streaming: the cache of the folder is the single file's
+    np.testing.assert_array_equal(open_store(sharded, tmp_path / "c1").read_rows(np.arange(single.num_rows())),
+                                  open_store(single, tmp_path / "c2").read_rows(np.arange(single.num_rows())))
+
+
+def test_hive_partitions_become_metadata_columns(tmp_path):
+    for plate in ("P1", "P2"):
+        (tmp_path / f"plate={plate}").mkdir()
+        pq.write_table(pa.table({"well": ["A1", "A2"], "f0": [1.0, 2.0], "f1": [3.0, 4.0]}),
+                       tmp_path / f"plate={plate}" / "part-0.parquet")
+    source = TableSource(str(tmp_path), feature_prefix="f")
+    assert source.read_metadata()["plate"].tolist() == ["P1", "P1", "P2", "P2"]
+    assert source.read_features().shape == (4, 2)
+
+
+def test_shards_with_different_columns_are_named(tmp_path):
+    pq.write_table(pa.table({"well": ["A1"], "f0": [1.0]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"well": ["A2"], "f9": [1.0]}), tmp_path / "b.parquet")
+    with pytest.raises(DataError, match=r"b\.parquet: its columns differ from those of .*a\.parquet "
+                                         r"\(e\.g\. \['f0', 'f9'\]"):
+        TableSource(str(tmp_path), feature_prefix="f").read_features()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"empty: a folder with no \.parquet file"):
+        TableSource(str(empty), feature_prefix="f").read_features()

@@ -59,6 +59,8 @@ class ModalitySource(RecordsInitArgs):
     #: what ``read_features`` gives a model: ``vectors`` (a rows x features matrix), or another kind whose
     #: rows the returned object's ``take(rows)`` turns into a batch (``graphs``, ``images``)
     input_kind: str = "vectors"
+    #: whether ``path`` may be a folder of files read as one (e.g. sharded parquet)
+    reads_folders: bool = False
 
     def __init__(
         self, path: str, key_columns: list[str] | None = None, transform: Transform = "none",
@@ -81,6 +83,8 @@ class ModalitySource(RecordsInitArgs):
     @property
     def file(self) -> Path:
         file = resolve_path(self.path)
+        if self.reads_folders and file.is_dir():
+            return file
         if not file.is_file():
             raise FileNotFoundError(f"{type(self).__name__}: file not found: {file}")
         check_readable(file)
@@ -357,12 +361,65 @@ def align_features(matrix: Matrix, names: list[str], target: list[str], file: Pa
     return aligned
 
 
-def read_table(file: Path, columns: list[str] | None = None) -> pa.Table:
-    """A parquet, CSV or TSV file (optionally gzipped) as an Arrow table; parquet reads only ``columns``."""
-    if file.suffix in (".parquet", ".pq"):
+def is_parquet(file: Path) -> bool:
+    """A parquet file, or a folder of them (a sharded table)."""
+    return file.suffix in (".parquet", ".pq") or file.is_dir()
+
+
+def parquet_files(file: Path) -> list[Path]:
+    """The parquet files of a table: the file itself, or every ``*.parquet``/``*.pq`` below a folder, sorted
+    by path (the order of the table's rows)."""
+    if not file.is_dir():
+        return [file]
+    files = sorted(p for p in file.rglob("*") if p.is_file() and p.suffix in (".parquet", ".pq")
+                   and not any(part.startswith((".", "_")) for part in p.relative_to(file).parts))
+    if not files:
+        raise DataError(f"{file}: a folder with no .parquet file in it (a sharded table holds one or more)")
+    return files
+
+
+def parquet_dataset(file: Path) -> Any:
+    """A parquet file or folder as one ``pyarrow.dataset``: the folder's files in path order, Hive-style
+    partition folders (``plate=P1/part-0.parquet``) becoming metadata columns. Files whose columns differ
+    are an error naming both."""
+    import pyarrow.dataset as ds
+
+    files = parquet_files(file)
+    version = (str(file), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if version in _DATASETS:
+        return _DATASETS[version]
+    for path in files:
+        check_readable(path)
+    partitioning = ds.HivePartitioning.discover(infer_dictionary=False) if file.is_dir() else None
+    try:
+        dataset = ds.dataset([str(p) for p in files], format="parquet", partitioning=partitioning,
+                             partition_base_dir=str(file) if file.is_dir() else None)
+    except pa.ArrowException as err:
+        raise DataError(f"{file}: the parquet files cannot be read as one table: {err}") from None
+    if len(files) > 1:
         import pyarrow.parquet as pq
 
-        return pq.read_table(file, columns=columns)
+        first = pq.read_schema(files[0])
+        for path in files[1:]:
+            schema = pq.read_schema(path)
+            if not schema.equals(first, check_metadata=False):
+                differ = sorted(set(first.names) ^ set(schema.names)) or [
+                    n for n in first.names if first.field(n).type != schema.field(n).type]
+                raise DataError(f"{path}: its columns differ from those of {files[0]} (e.g. {differ[:5]}); every "
+                                "file of a sharded table must have the same columns and types")
+    _DATASETS.clear()  # one table's version at a time: enough to spare the repeated schema reads
+    _DATASETS[version] = dataset
+    return dataset
+
+
+_DATASETS: dict[tuple, Any] = {}
+
+
+def read_table(file: Path, columns: list[str] | None = None) -> pa.Table:
+    """A parquet, CSV or TSV file (optionally gzipped), or a folder of parquet files, as an Arrow table;
+    parquet reads only ``columns``."""
+    if is_parquet(file):
+        return parquet_dataset(file).to_table(columns=columns)
     import pyarrow.csv as pcsv
 
     delimiter = "\t" if ".tsv" in file.name else ","

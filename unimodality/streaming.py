@@ -40,7 +40,9 @@ from unimodality.sources import (
     check_feature_columns,
     feature_columns,
     features_block,
+    is_parquet,
     non_finite_error,
+    parquet_files,
 )
 
 log = logging.getLogger(__name__)
@@ -256,8 +258,9 @@ def table_cache(source: ModalitySource, cache_dir: str | Path | None = None, chu
     """
     file = source.file.resolve()
     names = source.feature_names()
-    stat = file.stat()
-    fingerprint = {"file": str(file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+    stats = [p.stat() for p in parquet_files(file)] if file.is_dir() else [file.stat()]
+    fingerprint = {"file": str(file), "size": sum(s.st_size for s in stats),
+                   "mtime_ns": max(s.st_mtime_ns for s in stats), "n_files": len(stats),
                    "features": hashlib.sha1("\n".join(names).encode()).hexdigest(), "n_features": len(names),
                    "format": CACHE_FORMAT}
     folder = cache_folder(cache_dir)
@@ -290,11 +293,12 @@ def _write_cache(source: ModalitySource, file: Path, names: list[str], tmp: Path
     the in-memory reads do."""
     import pyarrow.parquet as pq
 
-    if file.suffix in (".parquet", ".pq"):
-        parquet = pq.ParquetFile(file)
-        check_feature_columns(source.file, parquet.schema_arrow, names)
-        n_rows = parquet.metadata.num_rows
-        batches = parquet.iter_batches(batch_size=chunk_rows, columns=feature_columns(names, parquet.schema_arrow))
+    if is_parquet(file):
+        files = [pq.ParquetFile(path) for path in parquet_files(file)]  # a sharded table: its files in order
+        check_feature_columns(source.file, files[0].schema_arrow, names)
+        n_rows = sum(f.metadata.num_rows for f in files)
+        columns = feature_columns(names, files[0].schema_arrow)
+        batches = (batch for f in files for batch in f.iter_batches(batch_size=chunk_rows, columns=columns))
         blocks = _blocks(source.file, batches, names)
     else:  # text tables are read whole anyway (and checked by the source)
         n_rows = source.num_rows()

@@ -9,7 +9,7 @@ import pandas as pd
 from unimodality.errors import DataError
 from unimodality.plugins.sources.anndata import AnnDataSource
 from unimodality.plugins.sources.table import TableSource
-from unimodality.sources import ModalitySource, read_table
+from unimodality.sources import ModalitySource, is_parquet, parquet_dataset, read_table
 
 
 def read_metadata_of(file: Path, columns: list[str] | None = None) -> pd.DataFrame:
@@ -17,22 +17,18 @@ def read_metadata_of(file: Path, columns: list[str] | None = None) -> pd.DataFra
     if str(file).lower().endswith(".h5ad"):
         return AnnDataSource(str(file)).read_metadata(columns)
     source_for(file)  # an unsupported file type gets the usual message
-    if file.suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        names = pq.read_schema(file).names
-    else:
-        names = read_table(file).schema.names
+    names = parquet_dataset(file).schema.names if is_parquet(file) else read_table(file).schema.names
     missing = [c for c in columns or [] if c not in names]
     if missing:
         raise DataError(f"{file}: has no column(s) {missing}; available: {names[:20]}")
     return read_table(file, columns).to_pandas()
 
 
-
 def source_for(path: str | Path) -> type[ModalitySource]:
     """The source class that reads a file, by its extension."""
     name = str(path).lower()
+    if Path(path).is_dir():  # a folder of parquet files: a sharded table
+        return TableSource
     for cls in (AnnDataSource, TableSource):
         if name.endswith(cls.suffixes):
             return cls

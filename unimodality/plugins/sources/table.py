@@ -21,7 +21,9 @@ from unimodality.sources import (
     feature_column,
     feature_columns,
     features_block,
+    is_parquet,
     is_vector_type,
+    parquet_dataset,
     read_table,
     vector_width,
 )
@@ -39,7 +41,9 @@ class TableSource(ModalitySource):
     named ``<column>[0]``, ``<column>[1]``, ...; scalar and list columns mix freely.
 
     Args:
-        path: the table file (``.parquet``, ``.csv``, ``.csv.gz``, ``.tsv``, ``.tsv.gz``).
+        path: the table file (``.parquet``, ``.csv``, ``.csv.gz``, ``.tsv``, ``.tsv.gz``), or a folder of
+            parquet files read as one table (in path order; Hive-style partition folders such as
+            ``plate=P1/`` become metadata columns; every file must have the same columns).
         features: the feature columns by name (a list column stands for all its elements; ``col[i]`` names one).
         feature_prefix: every column whose name starts with this prefix is a feature.
         feature_regex: every column whose name matches this regular expression is a feature.
@@ -51,6 +55,7 @@ class TableSource(ModalitySource):
 
     format = "table"
     suffixes = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv", ".tsv.gz")
+    reads_folders = True
 
     def __init__(
         self,
@@ -83,13 +88,11 @@ class TableSource(ModalitySource):
 
     @property
     def _is_parquet(self) -> bool:
-        return self.file.suffix in (".parquet", ".pq")
+        return is_parquet(self.file)
 
     def _schema(self) -> pa.Schema:
         if self._is_parquet:
-            import pyarrow.parquet as pq
-
-            return pq.read_schema(self.file)
+            return parquet_dataset(self.file).schema
         return self._read_table().schema
 
     def _read_table(self, columns: list[str] | None = None) -> pa.Table:
@@ -131,9 +134,7 @@ class TableSource(ModalitySource):
 
     def num_rows(self) -> int:
         if self._is_parquet:
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(self.file).metadata.num_rows
+            return parquet_dataset(self.file).count_rows()
         return self._read_table().num_rows
 
     def read_metadata(self, columns: list[str] | None = None) -> pd.DataFrame:
