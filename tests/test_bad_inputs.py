@@ -657,3 +657,17 @@ def test_a_checkpoint_naming_a_source_by_its_old_class_path_still_predicts(data,
     assert code == 0, printed
     code, printed = run(["validate", "--ckpt_path", str(older), "--trainer.enable_progress_bar", "false"])
     assert code == 0, printed
+
+
+def test_predict_reads_a_zarr_store_like_its_h5ad(data, checkpoint, tmp_path):
+    data["tx_adata"].write_zarr(tmp_path / "tx.zarr")
+    outputs = {}
+    for name in ("tx.zarr", "tx.h5ad"):
+        source = tmp_path / name if name.endswith(".zarr") else data["tx"]
+        output = tmp_path / f"from_{name.split('.')[1]}.h5ad"
+        code, printed = run(predict(checkpoint, source, "--data.output", str(output)))
+        assert code == 0, printed
+        outputs[name] = ad.read_h5ad(output)
+    np.testing.assert_allclose(outputs["tx.zarr"].obsm["X_unimodality"], outputs["tx.h5ad"].obsm["X_unimodality"],
+                               atol=1e-6)
+    assert outputs["tx.zarr"].n_vars == data["tx_adata"].n_vars  # a copy of the input, its matrix included

@@ -692,3 +692,31 @@ def test_shards_with_different_columns_are_named(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match=r"empty: a folder with no \.parquet file"):
         TableSource(str(empty), feature_prefix="f").read_features()
+
+
+# -- zarr AnnData stores -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_a_zarr_store_reads_like_the_h5ad(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    X = rng.poisson(1.0, size=(30, 12)).astype(np.float32)
+    adata = ad.AnnData(X=X if kind == "dense" else sp.csr_matrix(X),
+                       obs=pd.DataFrame({"sample": [f"s{i % 5}" for i in range(30)]},
+                                        index=[f"c{i}" for i in range(30)]))
+    adata.var_names = [f"g{j}" for j in range(12)]
+    adata.obsm["emb"] = rng.normal(size=(30, 4)).astype(np.float32)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    adata.write_zarr(tmp_path / "a.zarr")
+    for options in ({"transform": "log1p"}, {"obsm": "emb"}):
+        h5ad = AnnDataSource(str(tmp_path / "a.h5ad"), **options)
+        zarr_ = AnnDataSource(str(tmp_path / "a.zarr"), **options)
+        assert source_for(tmp_path / "a.zarr") is AnnDataSource
+        assert zarr_.feature_names() == h5ad.feature_names() and zarr_.num_rows() == 30
+        rows = np.array([7, 2, 7, 29])
+        for r in (None, rows):
+            a, b = h5ad.read_features(r), zarr_.read_features(r)
+            np.testing.assert_array_equal(a.toarray() if sp.issparse(a) else a, b.toarray() if sp.issparse(b) else b)
+        pd.testing.assert_frame_equal(zarr_.read_metadata(["sample", "obs_names"]),
+                                      h5ad.read_metadata(["sample", "obs_names"]))
+    with pytest.raises(DataError, match=r"a\.zarr: streaming reads \.h5ad files in place"):
+        AnnDataSource(str(tmp_path / "a.zarr")).row_store()

@@ -38,6 +38,8 @@ OBSM_KEY = "X_unimodality"
 #: key of the provenance record in an output AnnData's ``uns`` and in a parquet file's schema metadata
 RECORD_KEY = "unimodality"
 OUTPUT_SUFFIXES = (".h5ad", ".parquet")
+#: inputs that are AnnData (their obs index is written as ``obs_names``)
+ANNDATA_SUFFIXES = (".h5ad", ".zarr")
 
 
 def check_output_path(output: str | Path, overwrite: bool = True) -> Path:
@@ -103,8 +105,8 @@ def write_embeddings(
     elif output.suffix == ".h5ad":
         import anndata as ad
 
-        if input_path.suffix == ".h5ad":
-            adata = ad.read_h5ad(input_path)
+        if input_path.suffix in ANNDATA_SUFFIXES:
+            adata = ad.read_h5ad(input_path) if input_path.suffix == ".h5ad" else ad.read_zarr(input_path)
             adata = adata[rows].copy() if len(rows) != adata.n_obs or np.any(rows != np.arange(len(rows))) else adata
         else:
             adata = ad.AnnData(obs=metadata.reset_index(drop=True).set_axis(metadata.index.astype(str)))
@@ -116,7 +118,7 @@ def write_embeddings(
         import pyarrow.parquet as pq
 
         table = metadata.copy()
-        if input_path.suffix == ".h5ad":
+        if input_path.suffix in ANNDATA_SUFFIXES:
             table.insert(0, "obs_names", table.index.astype(str))
         table = table.reset_index(drop=True)
         columns = pd.DataFrame(embedding, columns=[f"{OBSM_KEY}_{i}" for i in range(embedding.shape[1])])

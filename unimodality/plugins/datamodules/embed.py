@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from unimodality import trust
 from unimodality.datamodule import INDEX, DataModule, check_sizes, collate_batch, take_rows
 from unimodality.errors import DataError
-from unimodality.outputs import OBSM_KEY, check_output_path, write_embeddings
+from unimodality.outputs import ANNDATA_SUFFIXES, OBSM_KEY, check_output_path, write_embeddings
 from unimodality.paths import resolve_path, same_file
 from unimodality.plugins.sources.anndata import AnnDataSource
 from unimodality.plugins.sources.formats import source_for
@@ -119,7 +119,7 @@ class EmbedDataModule(DataModule):
         self.num_workers = num_workers
         file = resolve_path(path)
         if output is None:
-            suffix = ".h5ad" if file.name.endswith(".h5ad") else ".parquet"
+            suffix = ".h5ad" if file.suffix in ANNDATA_SUFFIXES else ".parquet"
             stem = file.name.split(".")[0]
             output = str(Path.cwd() / f"{stem}_embeddings{suffix}")
         self.output = check_output_path(output, overwrite=overwrite)
@@ -189,7 +189,7 @@ class EmbedDataModule(DataModule):
         if self.output.suffix != ".parquet":
             return
         metadata = self.source.read_metadata().columns
-        taken = [c for c in metadata if c == "obs_names" and self.source.file.name.endswith(".h5ad")]
+        taken = [c for c in metadata if c == "obs_names" and self.source.file.suffix in ANNDATA_SUFFIXES]
         taken += [c for c in metadata if str(c).startswith(f"{OBSM_KEY}_")]
         if taken:
             raise DataError(

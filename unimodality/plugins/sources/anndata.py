@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -18,11 +19,11 @@ if TYPE_CHECKING:
 
 
 class AnnDataSource(ModalitySource):
-    """A modality stored in an AnnData ``.h5ad`` file; rows are observations, key columns come from ``obs``
-    (the obs index too: by its name, e.g. ``barcode``, or as ``obs_names``).
+    """A modality stored in an AnnData ``.h5ad`` file (or a ``.zarr`` AnnData store); rows are observations,
+    key columns come from ``obs`` (the obs index too: by its name, e.g. ``barcode``, or as ``obs_names``).
 
     Args:
-        path: the ``.h5ad`` file.
+        path: the ``.h5ad`` file, or a ``.zarr`` store (read into memory; streaming reads ``.h5ad`` only).
         layer: read ``layers[layer]`` instead of ``X``.
         obsm: read ``obsm[obsm]`` (an embedding) instead of ``X``; features are named ``{obsm}_{i}``.
         obsm_alternatives: other ``obsm`` keys holding other representations of the same rows (e.g.
@@ -38,7 +39,8 @@ class AnnDataSource(ModalitySource):
     """
 
     format = "h5ad"
-    suffixes = (".h5ad",)
+    suffixes = (".h5ad", ".zarr")
+    reads_folders = True  # a .zarr store is a folder
 
     def __init__(
         self,
@@ -77,7 +79,25 @@ class AnnDataSource(ModalitySource):
             return f"layers/{self.layer}"
         return "X" if self.obsm is None else f"obsm/{self.obsm}"
 
-    def _element(self, f: h5py.File) -> h5py.Dataset | h5py.Group:
+    @property
+    def is_zarr(self) -> bool:
+        return self.file.suffix == ".zarr"
+
+    def _open(self) -> Any:
+        """The file's root group: HDF5 (``.h5ad``) or zarr (``.zarr``), read-only."""
+        file = self.file
+        if file.suffix == ".zarr":
+            import zarr
+
+            try:
+                return contextlib.nullcontext(zarr.open_group(str(file), mode="r"))
+            except Exception as err:  # zarr raises several kinds for a folder that is no store
+                raise DataError(f"{file}: not a readable zarr AnnData store: {err}") from None
+        if file.is_dir():
+            raise DataError(f"{file}: a folder; AnnDataSource reads an .h5ad file or a .zarr store")
+        return h5py.File(file, "r")
+
+    def _element(self, f: Any) -> Any:
         key = self.element_key
         if key not in f:
             if key == "X":
@@ -91,22 +111,22 @@ class AnnDataSource(ModalitySource):
     def _read_feature_names(self) -> list[str]:
         from anndata.io import read_elem
 
-        with h5py.File(self.file, "r") as f:
+        with self._open() as f:
             if self.obsm is not None:
                 element = self._element(f)
-                width = element.attrs["shape"][1] if isinstance(element, h5py.Group) else element.shape[1]
+                width = element.attrs["shape"][1] if _is_group(element) else element.shape[1]
                 return [f"{self.obsm}_{i}" for i in range(width)]
             return list(read_elem(f["var"]).index)
 
     def num_rows(self) -> int:
-        with h5py.File(self.file, "r") as f:
+        with self._open() as f:
             element = self._element(f)
-            return int(element.attrs["shape"][0] if isinstance(element, h5py.Group) else element.shape[0])
+            return int(element.attrs["shape"][0] if _is_group(element) else element.shape[0])
 
     def read_metadata(self, columns: list[str] | None = None) -> pd.DataFrame:
         from anndata.io import read_elem
 
-        with h5py.File(self.file, "r") as f:
+        with self._open() as f:
             obs = read_elem(f["obs"])
         # the obs index (cell barcodes, sample ids) can be a key: by its name or as "obs_names"
         if columns is not None:
@@ -141,16 +161,19 @@ class AnnDataSource(ModalitySource):
         """The file's matrix read in place, batch by batch (dense, or CSR with only the row pointers in RAM)."""
         from unimodality.streaming import H5Store
 
-        with h5py.File(self.file, "r") as f:
+        if self.is_zarr:
+            raise DataError(f"{self.file}: streaming reads .h5ad files in place; read this .zarr store into memory "
+                            "(leave data.streaming off), or convert it: anndata.read_zarr(path).write_h5ad(...)")
+        with self._open() as f:
             self._element(f)  # a missing layer gets the source's own message
         return H5Store(self.file, self.element_key)
 
     def _read_raw(self, rows: np.ndarray | None) -> Matrix:
         from anndata.io import sparse_dataset
 
-        with h5py.File(self.file, "r") as f:
+        with self._open() as f:
             element = self._element(f)
-            if isinstance(element, h5py.Group):
+            if _is_group(element):
                 encoding = element.attrs.get("encoding-type", "")
                 if encoding not in ("csr_matrix", "csc_matrix"):
                     raise DataError(f"{self.file}: cannot read matrix of encoding {encoding!r}")
@@ -162,8 +185,9 @@ class AnnDataSource(ModalitySource):
                     matrix = _take_sorted(lambda r: data[r], rows, sparse=True)
                 return compact_indices(sp.csr_matrix(matrix, dtype=np.float32))
             if rows is None:
-                return np.asarray(element[()], dtype=np.float32)
-            return np.asarray(_take_sorted(lambda r: element[r], rows, sparse=False), dtype=np.float32)
+                return np.asarray(element[...], dtype=np.float32)
+            take = element.oindex.__getitem__ if hasattr(element, "oindex") else element.__getitem__  # zarr / HDF5
+            return np.asarray(_take_sorted(take, rows, sparse=False), dtype=np.float32)
 
 
 def compact_indices(matrix: sp.csr_matrix) -> sp.csr_matrix:
@@ -181,3 +205,8 @@ def _take_sorted(read, rows: np.ndarray, sparse: bool) -> Matrix:
     unique, inverse = np.unique(np.asarray(rows), return_inverse=True)
     block = read(unique)
     return block[inverse] if not sparse else sp.csr_matrix(block)[inverse]
+
+
+def _is_group(element: Any) -> bool:
+    """A group (a sparse matrix's data/indices/indptr) rather than a dense array, in HDF5 or zarr."""
+    return isinstance(element, h5py.Group) or (not hasattr(element, "dtype") and hasattr(element, "keys"))

@@ -14,7 +14,7 @@ from unimodality.sources import ModalitySource, is_parquet, parquet_dataset, rea
 
 def read_metadata_of(file: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """Columns (all when None) of any supported file: ``obs`` of an ``.h5ad`` (the obs index too), or a table."""
-    if str(file).lower().endswith(".h5ad"):
+    if str(file).lower().endswith((".h5ad", ".zarr")):
         return AnnDataSource(str(file)).read_metadata(columns)
     source_for(file)  # an unsupported file type gets the usual message
     names = parquet_dataset(file).schema.names if is_parquet(file) else read_table(file).schema.names
@@ -26,10 +26,10 @@ def read_metadata_of(file: Path, columns: list[str] | None = None) -> pd.DataFra
 
 def source_for(path: str | Path) -> type[ModalitySource]:
     """The source class that reads a file, by its extension."""
-    name = str(path).lower()
-    if Path(path).is_dir():  # a folder of parquet files: a sharded table
-        return TableSource
+    name = str(path).lower().rstrip("/")
     for cls in (AnnDataSource, TableSource):
         if name.endswith(cls.suffixes):
             return cls
+    if Path(path).is_dir():  # a folder of parquet files: a sharded table
+        return TableSource
     raise DataError(f"{path}: unsupported file type; expected .h5ad, .parquet, .csv(.gz) or .tsv(.gz)")
