@@ -107,3 +107,46 @@ def unknown_name_hint(name: str) -> str:
     lines.append("Registered plugins (`unimodality plugins` lists them with their packages):")
     lines.extend(f"  {describe(group)}" for group in GROUPS)
     return "\n".join(lines)
+
+
+def singular(group: str) -> str:
+    """What one plugin of a group is called in messages: ``loss`` for ``losses``."""
+    plural = GROUPS[_group(group)]
+    return plural[:-2] if plural.endswith("sses") else plural.removesuffix("s")
+
+
+def groups_of(bases: list[type]) -> list[str]:
+    """The groups whose plugins fit a setting that asks for one of ``bases`` (e.g. ``Encoder``: encoders)."""
+    bases = [b for b in bases if isinstance(b, type) and b is not object]
+    if not bases:
+        return []
+    return [
+        group for group in GROUPS
+        if any(isinstance(p.cls, type) and issubclass(p.cls, tuple(bases))
+               for plugins in registered(group).values() for p in plugins)
+    ]
+
+
+def name_hint(name: str, groups: list[str]) -> str:
+    """One line for a class name that does not resolve where a plugin of ``groups`` is expected: the closest
+    name of those groups only (a loss is no answer for an encoder), ambiguity, and the registered names."""
+    short = name.rsplit(".", 1)[-1]
+    what = singular(groups[0]) if groups else "plugin"
+    names = {n: ps for group in groups for n, ps in registered(group).items()}
+    others = {n: group for group in GROUPS if group not in groups for n in registered(group)}
+    if short in names and len(names[short]) > 1:
+        paths = ", ".join(p.class_path for p in names[short])
+        line = f"{short!r} is exported by several plugins ({paths}): use the full class path."
+    elif short in others and short not in names:
+        line = f"{short!r} is {_a(singular(others[short]))}, not {_a(what)}."
+    else:
+        line = f"unknown {what} {name!r}."
+        close = difflib.get_close_matches(short, list(names), n=1, cutoff=0.6)
+        if close:
+            line += f" Did you mean {close[0]!r}?"
+    listing = "; ".join(describe(group) for group in [*groups, *(g for g in GROUPS if g not in groups)])
+    return f"{line} Registered plugins (`unimodality plugins` lists them): {listing}"
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +44,7 @@ class Setup(ConfigHyperparameters, LightningModule):
         lr_scheduler_monitor: str = "val/loss",
     ) -> None:
         super().__init__()
+        check_optimizer_settings(optimizer)  # before any data is read or a step is taken
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
@@ -96,13 +101,26 @@ class Setup(ConfigHyperparameters, LightningModule):
         # checked every step, before backward: a NaN never reaches the weights (nor, so, a checkpoint)
         if not torch.isfinite(loss):
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in (self.loss_terms or {}).items())
+            saved = self.saved_checkpoint()
+            # only claim a good checkpoint when one exists: a run can diverge before its first save
+            kept = (f"and the last checkpoint saved ({saved}) holds finite weights" if saved else
+                    "but no checkpoint was saved yet")
             raise NonFiniteLossError(
                 f"training stopped at step {self.global_step} (epoch {self.current_epoch}): the loss is "
-                f"{loss.item()}{f' ({terms})' if terms else ''}. The weights were not updated with it, and the "
-                "last checkpoint saved holds finite weights. Common causes: a learning rate too high "
-                "(model.optimizer.init_args.lr), fp16 overflow (use bf16-mixed or 32-true precision), or "
-                "features with extreme values (consider a transform such as log1p)."
+                f"{loss.item()}{f' ({terms})' if terms else ''}. The weights were not updated with it, {kept}. "
+                "Common causes: a learning rate too high (model.init_args.optimizer.init_args.lr), fp16 overflow (use "
+                "bf16-mixed or 32-true precision), or features with extreme values (consider a transform such "
+                "as log1p)."
             )
+
+    def saved_checkpoint(self) -> str | None:
+        """The file (or DeepSpeed directory) a checkpoint callback of the trainer has written, if any."""
+        trainer = getattr(self, "_trainer", None)
+        for callback in getattr(trainer, "checkpoint_callbacks", None) or []:
+            for path in (getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")):
+                if path and Path(path).exists():
+                    return str(path)
+        return None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stamp(checkpoint)
@@ -134,14 +152,85 @@ class Setup(ConfigHyperparameters, LightningModule):
             {"params": [p for p in trainable if p.ndim >= 2]},
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
         ]
-        optimizer = self.optimizer([g for g in groups if g["params"]])
+        optimizer = build("optimizer", self.optimizer, [g for g in groups if g["params"]])
         if self.lr_scheduler is None:
             return optimizer
-        scheduler = self.lr_scheduler(optimizer)
+        scheduler = build("lr_scheduler", self.lr_scheduler, optimizer)
         config = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.lr_scheduler_monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+#: optimizer settings that must be finite and non-negative (a NaN learning rate only shows as a NaN loss)
+NON_NEGATIVE = ("lr", "weight_decay", "eps", "momentum", "dampening", "lr_decay", "initial_accumulator_value")
+
+
+def factory_target(factory: Any) -> tuple[Any, dict[str, Any]]:
+    """The class an optimizer/scheduler setting builds, and the keyword arguments it passes: jsonargparse
+    hands over ``partial(<instantiator>, cls, **init_args)``, Python code a class or a partial of one."""
+    if isinstance(factory, functools.partial):
+        classes = [arg for arg in (factory.func, *factory.args) if isinstance(arg, type)]
+        return (classes[-1] if classes else factory.func), dict(factory.keywords)
+    return factory, {}
+
+
+def check_optimizer_settings(optimizer: Any) -> None:
+    """Refuse a negative, NaN or infinite learning rate (or weight decay, eps, momentum) at once."""
+    target, kwargs = factory_target(optimizer)
+    for name in NON_NEGATIVE:
+        number = _number(kwargs.get(name))
+        if number is not None and not (math.isfinite(number) and number >= 0):
+            raise ValueError(
+                f"{_name(target)}: {name} must be a finite number >= 0, got {number} "
+                f"(model.init_args.optimizer.init_args.{name})"
+            )
+
+
+def build(setting: str, factory: Any, first: Any) -> Any:
+    """``factory(first)`` (an optimizer from parameter groups, a scheduler from an optimizer), or one line
+    naming the class, the missing or refused arguments and the options that set them."""
+    target, kwargs = factory_target(factory)
+    option = f"model.init_args.{setting}.init_args"
+    parameters = _parameters(target)
+    missing = [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name not in kwargs]
+    if missing:
+        raise ValueError(
+            f"{setting} {_name(target)} needs {', '.join(missing)}: set "
+            f"{', '.join(f'{option}.{name}' for name in missing)}"
+        )
+    try:
+        return factory(first)
+    except (TypeError, ValueError) as error:  # raised by torch (or a plugin's class), about the arguments
+        text = " ".join(str(error).split())
+        unset = [p.name for p in parameters if kwargs.get(p.name, p.default) is None]  # e.g. total_steps
+        named = [name for name in unset if re.search(rf"\b{name}\b", text)]
+        where = f"; set {' or '.join(f'{option}.{name}' for name in named)}" if named else f" (see {option})"
+        raise ValueError(f"{setting} {_name(target)} could not be built: {text}{where}") from error
+
+
+def _parameters(target: Any) -> list[inspect.Parameter]:
+    """The named parameters of a class or function after the first (the parameters or the optimizer)."""
+    try:
+        parameters = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p for p in parameters[1:] if p.kind in named]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.item())
+    return None
+
+
+def _name(target: Any) -> str:
+    return getattr(target, "__name__", None) or repr(target)
 
 
 def random_states() -> dict[str, Any]:
