@@ -309,8 +309,9 @@ def test_fit_script_trains_with_two_processes_then_predict_script_embeds(tmp_pat
 @pytest.mark.slurm
 @pytest.mark.skipif(NO_CLUSTER is not None, reason=str(NO_CLUSTER))
 def test_job_requeued_from_outside_resumes_from_its_last_checkpoint(tmp_path):
-    """`scontrol requeue` kills the job without a signal: the restarted job (same id, same run directory)
-    resumes from checkpoints/last.ckpt, and ends where an uninterrupted run would."""
+    """`scontrol requeue` ends the job with SIGTERM (then SIGKILL): the job saves hpc_ckpt_1.ckpt at the
+    signal (or, killed before it could, keeps the last epoch's checkpoints/last.ckpt); the restarted job (same
+    id, same run directory) resumes from the newest of them, and ends where an uninterrupted run would."""
     max_epochs = 10
     job = sbatch("fit.sh", [str(CLIP), "--trainer.accelerator", "cpu", "--trainer.max_epochs", str(max_epochs),
                             "--data.batch_size", "16", *QUIET], tmp_path)
@@ -324,12 +325,14 @@ def test_job_requeued_from_outside_resumes_from_its_last_checkpoint(tmp_path):
     assert "(restart 0)" in log and "(restart 1)" in log
     match = RESUMED.search(log)
     assert match, log[-4000:]
-    assert match.group(2) == f"runs/clip/slurm-{job}/checkpoints/last.ckpt"
+    at_signal = match.group(2) == f"runs/clip/slurm-{job}/hpc_ckpt_1.ckpt"
+    assert at_signal or match.group(2) == f"runs/clip/slurm-{job}/checkpoints/last.ckpt", match.group(2)
+    assert not at_signal or "SIGTERM: saved" in log
     resumed_epoch, resumed_step = int(match.group(3)), int(match.group(4))
     assert resumed_step > 0 and resumed_epoch < max_epochs - 1  # not from scratch, and with training left
     metrics = pd.read_csv(run_dir / "metrics.csv")
     per_epoch = steps_per_epoch(metrics)
-    assert resumed_step == (resumed_epoch + 1) * per_epoch  # an end-of-epoch checkpoint
+    assert at_signal or resumed_step == (resumed_epoch + 1) * per_epoch  # last.ckpt: an end-of-epoch checkpoint
     final = load(last)
     assert final["epoch"] == max_epochs - 1 and final["global_step"] == max_epochs * per_epoch
     assert list(metrics.dropna(subset=["val/loss"])["epoch"]) == list(range(max_epochs))
