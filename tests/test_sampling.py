@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from tests.helpers import example_datamodule, quiet_trainer
 from unimodality.datamodule import GROUP
@@ -83,3 +87,42 @@ def test_fit_with_replicates_and_oversampling_has_the_expected_steps(example_dat
 def test_replicate_settings_are_checked(example_data_dir, options, message):
     with pytest.raises(ValueError, match=message):
         example_datamodule(**options)
+
+
+class GroupRecorder(Callback):
+    """Writes the perturbation ids of every training batch of this process to ``folder/rank<r>.npy``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.batches: list[np.ndarray] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(batch[GROUP].numpy().copy())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        np.save(Path(self.folder) / f"rank{trainer.global_rank}.npy", np.stack(self.batches))
+
+
+def test_under_ddp_no_perturbation_is_on_two_processes_in_one_step(tmp_path, example_data_dir):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    recorder = json.dumps({"class_path": "tests.test_sampling.GroupRecorder", "init_args": {"folder": str(tmp_path)}})
+    configs = root / "configs"
+    args = [sys.executable, "-m", "unimodality", "fit", "--config", str(configs / "clip_embeddings_format.yaml"),
+            "--config", str(configs / "trainer" / "ddp.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices",
+            "2", "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
+            "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            f"--trainer.callbacks+={recorder}", "--data.init_args.batch_size", "16"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [np.load(tmp_path / f"rank{r}.npy") for r in range(2)]
+    assert ranks[0].shape == ranks[1].shape and len(ranks[0]) > 1  # equal steps on both processes
+    for step in range(len(ranks[0])):
+        first, second = set(ranks[0][step].tolist()), set(ranks[1][step].tolist())
+        assert not first & second, f"step {step}: perturbations {first & second} on both processes"
+        counts = [np.unique(r[step], return_counts=True)[1] for r in ranks]
+        assert all((c == 2).all() for c in counts)  # replicates_per_key: 2 on every process
