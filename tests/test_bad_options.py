@@ -19,11 +19,10 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import tests.test_bad_inputs as bad_inputs
-from tests.helpers import example_datamodule, quiet_trainer
+from tests.helpers import PoisonedLoss, example_datamodule, quiet_trainer
 from tests.test_bad_inputs import CONFIGS, QUICK, assert_user_error, fit, run
 from unimodality.cli import main
 from unimodality.plugins.encoders.mlp import MLPEncoder
-from unimodality.plugins.losses.clip import ClipLoss
 from unimodality.plugins.losses.siglip import SigLipLoss
 from unimodality.plugins.setups.cross_modal import CrossModalSetup
 from unimodality.setup import NonFiniteLossError, build
@@ -246,23 +245,6 @@ def test_an_optimizer_or_scheduler_missing_a_required_argument_names_it():
 
 
 # -- a diverged run: checkpoint saved or not --------------------------------------------------------------
-
-class PoisonedLoss(ClipLoss):
-    """CLIP, until it returns NaN from its ``after``-th training call on (a diverging run, on cue)."""
-
-    def __init__(self, after: int = 15) -> None:
-        super().__init__()
-        self.after = after
-        self.calls = 0
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
-        loss = super().forward(a, b, group)
-        if torch.is_grad_enabled():
-            self.calls += 1
-            if self.calls >= self.after:
-                return loss * float("nan")
-        return loss
-
 
 def diverge(tmp_path: Path, after: int) -> str:
     model = CrossModalSetup(

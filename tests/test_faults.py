@@ -22,12 +22,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.helpers import example_datamodule, quiet_trainer
+from tests.helpers import PoisonedLoss, example_datamodule, quiet_trainer
 from tests.test_bad_inputs import assert_user_error, checkpoint, data, fit, predict
 from unimodality.checkpoint import AtomicCheckpointIO, read_checkpoint
 from unimodality.cli import main
 from unimodality.plugins.encoders.mlp import MLPEncoder
-from unimodality.plugins.losses.clip import ClipLoss
 from unimodality.plugins.setups.cross_modal import CrossModalSetup
 from unimodality.plugins.sources.table import TableSource
 from unimodality.setup import NonFiniteLossError
@@ -36,23 +35,6 @@ from unimodality.sources import DataError
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 #: the command-line catalogue's fixtures, used here by name
 FIXTURES = (checkpoint, data)
-
-
-class PoisonedLoss(ClipLoss):
-    """CLIP, until it returns NaN from its ``after``-th training call on (a diverging run, on cue)."""
-
-    def __init__(self, after: int = 15) -> None:
-        super().__init__()
-        self.after = after
-        self.calls = 0
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
-        loss = super().forward(a, b, group)
-        if torch.is_grad_enabled():
-            self.calls += 1
-            if self.calls >= self.after:
-                return loss * float("nan")
-        return loss
 
 
 def test_non_finite_loss_stops_with_the_step_and_terms_and_keeps_finite_weights(example_data_dir, tmp_path):
