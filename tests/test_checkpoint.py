@@ -4,7 +4,7 @@ from functools import partial
 
 import torch
 
-from helpers import example_datamodule, quiet_trainer
+from tests.helpers import example_datamodule, quiet_trainer
 from unimodality.plugins.encoders.mlp import MLPEncoder
 from unimodality.plugins.losses.clip import ClipLoss
 from unimodality.plugins.setups.cross_modal import CrossModalSetup

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import quiet_trainer
+from tests.helpers import quiet_trainer
 from unimodality.plugins.augmentations.images import ImageNoise, IntensityJitter, RandomResizedCrop
 from unimodality.plugins.datamodules.single import SingleDataModule
 from unimodality.plugins.encoders.cnn import CNNEncoder

@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from helpers import example_datamodule, quiet_trainer
+from tests.helpers import example_datamodule, quiet_trainer
 from unimodality.cli import main
 from unimodality.outputs import (
     OBSM_KEY,

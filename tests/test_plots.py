@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import example_datamodule, quiet_trainer
+from tests.helpers import example_datamodule, quiet_trainer
 from unimodality import plots
 from unimodality.plugins.encoders.mlp import MLPEncoder
 from unimodality.plugins.setups.cross_modal import CrossModalSetup

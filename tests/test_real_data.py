@@ -6,7 +6,7 @@ from functools import partial
 
 import torch
 
-from helpers import quiet_trainer
+from tests.helpers import quiet_trainer
 from unimodality.plugins.datamodules.paired import PairedDataModule
 from unimodality.plugins.encoders.mlp import MLPEncoder
 from unimodality.plugins.setups.cross_modal import CrossModalSetup

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import quiet_trainer
+from tests.helpers import quiet_trainer
 from unimodality.augmentation import Augmentation, Compose
 from unimodality.cli import main
 from unimodality.config import config_form

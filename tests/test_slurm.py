@@ -19,7 +19,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from helpers import example_datamodule, quiet_trainer
+from tests.helpers import example_datamodule, quiet_trainer
 from unimodality import cli, resume
 from unimodality.cli import main
 from unimodality.example_data import resolve_path

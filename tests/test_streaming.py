@@ -304,3 +304,34 @@ def test_streaming_predict_writes_what_in_memory_predict_writes(clip_checkpoint,
     else:
         memory, streamed = (pd.read_parquet(outputs[s]) for s in ("false", "true"))
         pd.testing.assert_frame_equal(streamed, memory, atol=1e-6)
+
+
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_predict_embeds_plates_like_the_single_file(clip_checkpoint, tmp_path, streaming):
+    from tests.test_sharded_anndata import split_into_files
+    from unimodality.cli import main
+    from unimodality.outputs import OBSM_KEY
+    from unimodality.paths import resolve_path
+
+    whole = ad.read_h5ad(resolve_path("example://transcriptomics.h5ad"))
+    plates = split_into_files(whole, tmp_path / "plates", 4)
+
+    def predict(path: str, output: Path) -> Path:
+        with redirect_stdout(io.StringIO()):
+            main(["predict", "--ckpt_path", str(clip_checkpoint), "--data.path", path, "--data.output", str(output),
+                  "--data.streaming", streaming, "--data.batch_size", "100", "--trainer.enable_progress_bar", "false"])
+        return output
+
+    single = pd.read_parquet(predict("example://transcriptomics.h5ad", tmp_path / "single.parquet"))
+    sharded = pd.read_parquet(predict(str(tmp_path / "plates" / "plate_*.h5ad"), tmp_path / "plates.parquet"))
+    pd.testing.assert_frame_equal(sharded, single, atol=1e-6, check_categorical=False)  # category order aside
+    assert list(sharded["obs_names"]) == list(whole.obs_names)
+    stacked = ad.read_h5ad(predict(str(plates[0].parent), tmp_path / "plates.h5ad"))  # obs + embeddings, no matrix
+    assert list(stacked.obs_names) == list(whole.obs_names) and stacked.n_vars == 0
+    np.testing.assert_allclose(stacked.obsm[OBSM_KEY], single.filter(like=f"{OBSM_KEY}_").to_numpy(), atol=1e-6)
+    before = plates[2].read_bytes()
+    with pytest.raises(SystemExit):  # an output that is one of the inputs
+        with redirect_stdout(io.StringIO()):
+            main(["predict", "--ckpt_path", str(clip_checkpoint), "--data.path", str(plates[0].parent),
+                  "--data.output", str(plates[2]), "--data.overwrite", "true"])
+    assert plates[2].read_bytes() == before

@@ -5,7 +5,7 @@ from functools import partial
 import pytest
 import torch
 
-from helpers import example_datamodule, quiet_trainer
+from tests.helpers import example_datamodule, quiet_trainer
 from unimodality.plugins.encoders.mlp import MLPEncoder
 from unimodality.plugins.setups.cross_modal import CrossModalSetup
 from unimodality.tower import Tower

@@ -72,6 +72,7 @@ def write_embeddings(
     output: Path,
     record: dict[str, Any] | None = None,
     copy_input: bool = False,
+    obs_index: bool | None = None,
 ) -> Path:
     """Write ``embedding`` (one row per entry of ``rows`` of the input file).
 
@@ -92,6 +93,8 @@ def write_embeddings(
         embedding: ``(len(rows), d)`` embeddings.
         output: ``.h5ad`` or ``.parquet`` path.
         record: provenance (checkpoint, model config, date, version); see :func:`prediction_record`.
+        obs_index: whether ``metadata``'s index is an AnnData ``obs`` index (kept as ``obs_names``); by
+            default, when ``input_path`` is an AnnData file.
     """
     output = check_output_path(output)
     embedding = np.ascontiguousarray(embedding, dtype=np.float32)
@@ -100,12 +103,15 @@ def write_embeddings(
     record = {**(record or {}), "input": str(input_path), "obsm_key": OBSM_KEY,
               "n_obs": int(len(rows)), "embedding_dim": int(embedding.shape[1])}
     whole_file = len(rows) and np.array_equal(rows, np.arange(len(rows)))
-    if output.suffix == ".h5ad" and copy_input and input_path.suffix == ".h5ad" and whole_file:
+    # several input files (a folder or pattern naming them) are no AnnData to copy: obs + embeddings
+    one_anndata = input_path.suffix in ANNDATA_SUFFIXES and input_path.exists()
+    obs_index = one_anndata if obs_index is None else obs_index
+    if output.suffix == ".h5ad" and copy_input and input_path.suffix == ".h5ad" and input_path.is_file() and whole_file:
         _atomic_write(output, lambda tmp: _copy_with_embedding(input_path, tmp, embedding, record))
     elif output.suffix == ".h5ad":
         import anndata as ad
 
-        if input_path.suffix in ANNDATA_SUFFIXES:
+        if one_anndata:
             adata = ad.read_h5ad(input_path) if input_path.suffix == ".h5ad" else ad.read_zarr(input_path)
             adata = adata[rows].copy() if len(rows) != adata.n_obs or np.any(rows != np.arange(len(rows))) else adata
         else:
@@ -118,7 +124,7 @@ def write_embeddings(
         import pyarrow.parquet as pq
 
         table = metadata.copy()
-        if input_path.suffix in ANNDATA_SUFFIXES:
+        if obs_index:
             table.insert(0, "obs_names", table.index.astype(str))
         table = table.reset_index(drop=True)
         columns = pd.DataFrame(embedding, columns=[f"{OBSM_KEY}_{i}" for i in range(embedding.shape[1])])

@@ -28,3 +28,11 @@ def same_file(a: str | Path, b: str | Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist (yet)
         return False
+
+
+def disk_size(path: str | Path) -> int:
+    """Bytes a file takes, or all the files under a folder (a ``.zarr`` store, a sharded table)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

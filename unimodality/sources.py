@@ -90,6 +90,11 @@ class ModalitySource(RecordsInitArgs):
         check_readable(file)
         return file
 
+    @property
+    def files(self) -> list[Path]:
+        """Every file the source reads: the file, or the files of a sharded source."""
+        return parquet_files(self.file) if is_parquet(self.file) else [self.file]
+
     # -- what subclasses implement ------------------------------------------------------------------
     def _read_feature_names(self) -> list[str]:
         raise NotImplementedError

@@ -7,9 +7,11 @@ blocks, and rows are read a *buffer* (``buffer_batches`` batches) at a time with
 run, then shuffled inside the buffer. Memory stays bounded by about one buffer per DataLoader worker.
 
 Stores read row ranges of one file: :class:`H5Store` reads ``X``/a layer/an ``obsm`` of an ``.h5ad``
-straight from its HDF5 datasets (dense, or CSR keeping only ``indptr`` in RAM); :class:`NpyStore` reads a
-row-major ``.npy`` cache that tables (parquet, CSV) are converted to once, because Arrow has no fast
-random row access. The cache is rebuilt when the source file or its feature selection changes.
+straight from its HDF5 datasets (dense, or CSR keeping only ``indptr`` in RAM), :class:`ZarrStore` the same
+from a ``.zarr`` store; :class:`NpyStore` reads a row-major ``.npy`` cache that tables (parquet, CSV) are
+converted to once, because Arrow has no fast random row access. The cache is rebuilt when the source file
+or its feature selection changes. :class:`ConcatStore` reads the files of a source of several ``.h5ad``
+files as one, with a bounded number of them open.
 """
 
 from __future__ import annotations
@@ -123,11 +125,11 @@ class H5Store(RowStore):
     def __init__(self, file: Path, key: str) -> None:
         self.file = Path(file)
         self.key = key
-        self._handle: h5py.File | None = None
-        self._datasets: dict[str, h5py.Dataset] | None = None
+        self._handle: Any = None
+        self._datasets: dict[str, Any] | None = None
         self._pid: int | None = None
         element = self._element()
-        if isinstance(element, h5py.Group):
+        if self._is_group(element):
             encoding = element.attrs.get("encoding-type", "")
             if encoding != "csr_matrix":
                 raise DataError(
@@ -139,21 +141,32 @@ class H5Store(RowStore):
         else:
             self.n_rows, self.n_features = element.shape
 
-    def _element(self) -> h5py.Dataset | h5py.Group:
+    def _open_root(self) -> Any:
+        return h5py.File(self.file, "r")
+
+    @staticmethod
+    def _is_group(element: Any) -> bool:
+        return isinstance(element, h5py.Group)
+
+    def _element(self) -> Any:
         if self._handle is None or self._pid != os.getpid():
-            self._handle = h5py.File(self.file, "r")
+            self._handle = self._open_root()
             self._pid = os.getpid()
             element = self._handle[self.key]
             # dataset handles, looked up once: a lookup costs as much as a small read
-            self._datasets = {"X": element} if isinstance(element, h5py.Dataset) else {
-                "data": element["data"], "indices": element["indices"]}
+            self._datasets = {"data": element["data"], "indices": element["indices"]} if self._is_group(
+                element) else {"X": element}
         return self._handle[self.key]
+
+    @property
+    def is_open(self) -> bool:
+        return self._handle is not None and self._pid == os.getpid()
 
     def _read(self, name: str, starts: list[int], stops: list[int], out: np.ndarray) -> None:
         """Ranges ``starts[i]:stops[i]`` (rows, or CSR entries) of a dataset, one after the other, into ``out``
         with one HDF5 read of a union of hyperslabs: h5py's indexing costs a few hundred microseconds of
         Python per call, more than a 64-row read itself, and HDF5 merges the ranges' I/O."""
-        if self._pid != os.getpid():
+        if not self.is_open:
             self._element()
         dataset = self._datasets[name]
         trailing = tuple(dataset.shape[1:])
@@ -187,13 +200,99 @@ class H5Store(RowStore):
         return sp.csr_matrix((data, indices, indptr), shape=(n, self.n_features))
 
     def close(self) -> None:
-        if self._handle is not None and self._pid == os.getpid():
+        if self.is_open and hasattr(self._handle, "close"):
             self._handle.close()
-        self._handle = None
+        self._handle = self._datasets = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_handle"] = state["_datasets"] = None  # reopened in the receiving process
+        return state
+
+
+class ZarrStore(H5Store):
+    """Rows of a dense or CSR matrix inside a ``.zarr`` AnnData store, read range by range through zarr
+    (which reads whole chunks: rows are read a block at a time, as for ``.h5ad``)."""
+
+    def _open_root(self) -> Any:
+        import zarr
+
+        return zarr.open_group(str(self.file), mode="r")
+
+    @staticmethod
+    def _is_group(element: Any) -> bool:
+        return not hasattr(element, "dtype") and hasattr(element, "keys")
+
+    def _read(self, name: str, starts: list[int], stops: list[int], out: np.ndarray) -> None:
+        if not self.is_open:
+            self._element()
+        array, at = self._datasets[name], 0
+        for a, b in zip(starts, stops):
+            if b > a:
+                out[at:at + b - a] = array[a:b]
+                at += b - a
+
+
+class ConcatStore(RowStore):
+    """The rows of several stores (the files of one source) one after the other.
+
+    At most ``max_open`` files are open at once, the least recently read closed first, so a source of
+    thousands of files holds a bounded number of handles (each HDF5 file keeps its own metadata cache).
+    """
+
+    def __init__(self, stores: list[RowStore], max_open: int = 8) -> None:
+        if not stores:
+            raise ValueError("ConcatStore needs at least one store")
+        widths = {store.n_features for store in stores}
+        if len(widths) > 1:
+            raise DataError(f"the files of one source have different numbers of features: {sorted(widths)}")
+        self.stores = stores
+        self.max_open = max_open
+        self.n_features = stores[0].n_features
+        self.offsets = np.cumsum([0] + [store.n_rows for store in stores])
+        self.n_rows = int(self.offsets[-1])
+        self._recent: list[int] = []  # open stores, least recently read first
+        for store in stores:
+            store.close()
+        sparse = [store.indptr is not None for store in stores]
+        if any(sparse) and not all(sparse):
+            raise DataError("the files of one source mix dense and sparse matrices; store them alike")
+        self._sparse = all(sparse)
+
+    def _use(self, k: int) -> RowStore:
+        if k in self._recent:
+            self._recent.remove(k)
+        elif len(self._recent) >= self.max_open:
+            self.stores[self._recent.pop(0)].close()
+        self._recent.append(k)
+        return self.stores[k]
+
+    def read_runs(self, starts: np.ndarray, stops: np.ndarray) -> Matrix:
+        starts, stops = np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64)
+        blocks = []
+        if len(starts):
+            first = int(np.searchsorted(self.offsets, starts[0], side="right") - 1)
+            last = int(np.searchsorted(self.offsets, max(stops[-1] - 1, starts[0]), side="right") - 1)
+            for k in range(first, min(last, len(self.stores) - 1) + 1):
+                lo, hi = self.offsets[k], self.offsets[k + 1]
+                a, b = np.clip(starts, lo, hi), np.clip(stops, lo, hi)
+                inside = b > a
+                if inside.any():
+                    blocks.append(self._use(k).read_runs(a[inside] - lo, b[inside] - lo))
+        if not blocks:
+            return self.stores[0].read_range(0, 0)
+        if len(blocks) == 1:
+            return blocks[0]
+        return sp.vstack(blocks, format="csr") if self._sparse else np.concatenate(blocks)
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+        self._recent = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_recent"] = []  # the stores reopen lazily in the receiving process
         return state
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ from unimodality.datamodule import INDEX, DataModule, check_sizes, collate_batch
 from unimodality.errors import DataError
 from unimodality.outputs import ANNDATA_SUFFIXES, OBSM_KEY, check_output_path, write_embeddings
 from unimodality.paths import resolve_path, same_file
-from unimodality.plugins.sources.anndata import AnnDataSource
+from unimodality.plugins.sources.anndata import AnnDataSource, anndata_files
 from unimodality.plugins.sources.formats import source_for
 from unimodality.plugins.sources.table import TableSource
 from unimodality.sources import Matrix, ModalitySource, align_features
@@ -73,12 +74,14 @@ class EmbedDataModule(DataModule):
     sharing no feature with the model is an error.
 
     Args:
-        path: the file to embed (``.h5ad`` or a table).
+        path: the file to embed (``.h5ad`` or a table); or several ``.h5ad`` files read as one (a folder, a
+            glob pattern, a list), embedded into one output.
         modality: which tower embeds it; by default the only modality whose training files had this
             file's type.
         output: where to write the embeddings: ``.h5ad`` (a copy of the input with
-            ``obsm["X_unimodality"]``) or ``.parquet`` (metadata + embedding columns). Default:
-            ``<input name>_embeddings.h5ad|.parquet`` in the working directory.
+            ``obsm["X_unimodality"]``; for several input files, their stacked ``obs`` with the embeddings and
+            no matrix) or ``.parquet`` (metadata + embedding columns). Default:
+            ``<input name>_embeddings.h5ad|.parquet`` in the working directory (``.parquet`` for several files).
         n_samples: embed only the first ``n_samples`` rows (a quick look at a large file).
         overwrite: replace ``output`` if it exists (by default an existing file is an error, left untouched).
         streaming: read the rows batch by batch instead of the whole file (files larger than memory; feature
@@ -95,7 +98,7 @@ class EmbedDataModule(DataModule):
 
     def __init__(
         self,
-        path: str,
+        path: str | list[str],
         modality: str | None = None,
         output: str | None = None,
         n_samples: int | None = None,
@@ -117,15 +120,18 @@ class EmbedDataModule(DataModule):
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.num_workers = num_workers
-        file = resolve_path(path)
+        several = source_for(path) is AnnDataSource and AnnDataSource(path).is_sharded
+        inputs = anndata_files(path) if several else [resolve_path(path)]
         if output is None:
-            suffix = ".h5ad" if file.suffix in ANNDATA_SUFFIXES else ".parquet"
-            stem = file.name.split(".")[0]
-            output = str(Path.cwd() / f"{stem}_embeddings{suffix}")
+            name = resolve_path(path[0] if isinstance(path, list | tuple) else path)
+            name = name.parent if glob.has_magic(str(name)) or isinstance(path, list | tuple) else name
+            suffix = ".h5ad" if name.suffix in ANNDATA_SUFFIXES and not several else ".parquet"
+            output = str(Path.cwd() / f"{name.name.split('.')[0]}_embeddings{suffix}")
         self.output = check_output_path(output, overwrite=overwrite)
-        if same_file(self.output, file):
-            raise DataError(f"output {output} is the input file {path}: predict never writes over its input, even "
-                            "with --data.overwrite true; choose another --data.output")
+        for file in inputs:
+            if same_file(self.output, file):
+                raise DataError(f"output {output} is the input file {file}: predict never writes over its input, "
+                                "even with --data.overwrite true; choose another --data.output")
         self.written: Path | None = None
         self.dataset: EmbedDataset | None = None
         self.source: ModalitySource | None = None
@@ -189,7 +195,7 @@ class EmbedDataModule(DataModule):
         if self.output.suffix != ".parquet":
             return
         metadata = self.source.read_metadata().columns
-        taken = [c for c in metadata if c == "obs_names" and self.source.file.suffix in ANNDATA_SUFFIXES]
+        taken = [c for c in metadata if c == "obs_names" and isinstance(self.source, AnnDataSource)]
         taken += [c for c in metadata if str(c).startswith(f"{OBSM_KEY}_")]
         if taken:
             raise DataError(
@@ -199,11 +205,11 @@ class EmbedDataModule(DataModule):
             )
 
     def _streamed(self, align_to: list[str]) -> StreamedRows:
-        from unimodality.streaming import H5Store, NpyStore, table_cache
+        from unimodality.streaming import NpyStore, table_cache
 
         source = self.source
         if isinstance(source, AnnDataSource):
-            return StreamedRows(source, H5Store(source.file, source.element_key), source.feature_names(), align_to)
+            return StreamedRows(source, source.row_store(), source.feature_names(), align_to)
         if isinstance(source, TableSource):
             # cache only the model's columns this file has; the others are zero-filled when aligned
             present = source._own_columns(align_to)
@@ -237,7 +243,7 @@ class EmbedDataModule(DataModule):
         metadata = self.source.read_metadata().iloc[rows]
         record = {**(record or {}), "modality": self.dataset.modality}
         self.written = write_embeddings(self.source.file, metadata, rows, embedding, self.output, record,
-                                        copy_input=self.streaming)
+                                        copy_input=self.streaming, obs_index=isinstance(self.source, AnnDataSource))
 
     def teardown(self, stage: str) -> None:
         if self.source is not None:

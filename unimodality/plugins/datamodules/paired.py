@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from unimodality.datamodule import GROUP, INDEX, SplitDataModule, check_sizes, collate_batch, take_rows
 from unimodality.errors import DataError
+from unimodality.paths import disk_size
 from unimodality.sampling import BatchesOf, ReplicateBatchSampler
 from unimodality.sources import Alternatives, Matrix, ModalitySource
 from unimodality.splits import (
@@ -378,7 +379,7 @@ class PairedDataModule(SplitDataModule):
         if not vectors:
             raise ValueError("streaming needs a modality of feature vectors to stream; none of "
                              f"{self.modalities} is one")
-        return max(vectors, key=lambda n: self.sources[n].file.stat().st_size)
+        return max(vectors, key=lambda n: sum(disk_size(f) for f in self.sources[n].files))
 
     def streamed_sources(self) -> list[ModalitySource]:
         return list(self.sources.values())

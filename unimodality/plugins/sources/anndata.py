@@ -1,8 +1,10 @@
-"""``AnnDataSource``: a modality stored in an AnnData ``.h5ad`` file."""
+"""``AnnDataSource``: a modality stored in AnnData files (``.h5ad``, ``.zarr``): one, or several read as one."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,18 +14,53 @@ import pandas as pd
 import scipy.sparse as sp
 
 from unimodality.errors import DataError
-from unimodality.sources import Matrix, ModalitySource, RowFilter, Transform
+from unimodality.paths import resolve_path
+from unimodality.sources import Matrix, ModalitySource, RowFilter, Transform, check_readable
 
 if TYPE_CHECKING:
     from unimodality.streaming import RowStore
 
 
+SUFFIXES = (".h5ad", ".zarr")
+
+
+def anndata_files(path: str | list[str]) -> list[Path]:
+    """The AnnData files a path names: an ``.h5ad`` file or ``.zarr`` store; a folder of them (every
+    ``*.h5ad``/``*.zarr`` in it, sorted by name); a glob pattern (``plates/*.h5ad``, sorted); or a list of
+    paths, in their order. A pattern or folder matching nothing is an error."""
+    if isinstance(path, list | tuple):
+        if not path:
+            raise DataError("AnnDataSource: path is an empty list; name one or more .h5ad files")
+        return [file for item in path for file in anndata_files(str(item))]
+    file = resolve_path(path)
+    if file.suffix in SUFFIXES and file.exists():
+        return [file]
+    if file.is_dir():
+        files = sorted(p for p in file.iterdir() if p.suffix in SUFFIXES and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{file}: a folder with no .h5ad file (or .zarr store) in it")
+        return files
+    if glob.has_magic(str(file)):
+        files = sorted(Path(p) for p in glob.glob(str(file)) if Path(p).suffix in SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"AnnDataSource: no .h5ad file matches {file}")
+        return files
+    raise FileNotFoundError(f"AnnDataSource: file not found: {file}")
+
+
 class AnnDataSource(ModalitySource):
-    """A modality stored in an AnnData ``.h5ad`` file (or a ``.zarr`` AnnData store); rows are observations,
-    key columns come from ``obs`` (the obs index too: by its name, e.g. ``barcode``, or as ``obs_names``).
+    """A modality stored in an AnnData ``.h5ad`` file (or a ``.zarr`` AnnData store), or in several read as
+    one; rows are observations, key columns come from ``obs`` (the obs index too: by its name, e.g.
+    ``barcode``, or as ``obs_names``).
+
+    Several files (one per plate or batch) are one source when they have the same features (``var_names``
+    in the same order, or ``obsm`` of the same width): their rows follow one another in file order, their
+    ``obs`` tables are stacked (a column missing from one file is missing values there), and streaming keeps
+    at most 8 of them open at a time.
 
     Args:
-        path: the ``.h5ad`` file, or a ``.zarr`` store (read into memory; streaming reads ``.h5ad`` only).
+        path: the ``.h5ad`` file or ``.zarr`` store; or several: a folder of them, a glob pattern
+            (``plates/*.h5ad``), or a list of paths.
         layer: read ``layers[layer]`` instead of ``X``.
         obsm: read ``obsm[obsm]`` (an embedding) instead of ``X``; features are named ``{obsm}_{i}``.
         obsm_alternatives: other ``obsm`` keys holding other representations of the same rows (e.g.
@@ -39,12 +76,12 @@ class AnnDataSource(ModalitySource):
     """
 
     format = "h5ad"
-    suffixes = (".h5ad", ".zarr")
+    suffixes = SUFFIXES
     reads_folders = True  # a .zarr store is a folder
 
     def __init__(
         self,
-        path: str,
+        path: str | list[str],
         layer: str | None = None,
         obsm: str | None = None,
         obsm_alternatives: list[str] | None = None,
@@ -71,6 +108,50 @@ class AnnDataSource(ModalitySource):
         self.obsm = obsm
         self.obsm_alternatives = alternatives
         self.alternative_weights = alternative_weights
+        self._parts: list[AnnDataSource] | None = None
+
+    # -- one file or several -------------------------------------------------------------------------
+    @property
+    def files(self) -> list[Path]:
+        return [part.file for part in self.parts] if self.is_sharded else [self.file]
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether ``path`` names several files (a folder, a pattern or a list), even if it matches one."""
+        if isinstance(self.path, list | tuple):
+            return len(self.path) != 1 or self._names_several(str(self.path[0]))
+        return self._names_several(str(self.path))
+
+    @staticmethod
+    def _names_several(path: str) -> bool:
+        file = resolve_path(path)
+        return not (file.suffix in SUFFIXES and file.exists()) and (file.is_dir() or glob.has_magic(path))
+
+    @property
+    def file(self) -> Path:
+        """The file; for several files, the folder or pattern naming them (in messages)."""
+        if not self.is_sharded:
+            path = self.path[0] if isinstance(self.path, list | tuple) else self.path
+            file = resolve_path(path)
+            if not file.exists():
+                raise FileNotFoundError(f"AnnDataSource: file not found: {file}")
+            if file.is_file():
+                check_readable(file)
+            return file
+        if isinstance(self.path, list | tuple):
+            files = [resolve_path(p) for p in self.path]
+            return Path(os.path.commonpath([f.parent for f in files])) / "{" + ",".join(f.name for f in files) + "}"
+        return resolve_path(self.path)
+
+    @property
+    def parts(self) -> list[AnnDataSource]:
+        """One single-file source per file (raw reads: transforms and filters apply to the whole source)."""
+        if self._parts is None:
+            self._parts = [AnnDataSource(str(f), layer=self.layer, obsm=self.obsm) for f in anndata_files(self.path)]
+        return self._parts
+
+    def _offsets(self) -> np.ndarray:
+        return np.cumsum([0] + [part.num_rows() for part in self.parts])
 
     @property
     def element_key(self) -> str:
@@ -111,6 +192,12 @@ class AnnDataSource(ModalitySource):
     def _read_feature_names(self) -> list[str]:
         from anndata.io import read_elem
 
+        if self.is_sharded:
+            first, *others = self.parts
+            names = first._read_feature_names()
+            for other in others:
+                _check_same_features(first.file, names, other.file, other._read_feature_names())
+            return names
         with self._open() as f:
             if self.obsm is not None:
                 element = self._element(f)
@@ -119,6 +206,8 @@ class AnnDataSource(ModalitySource):
             return list(read_elem(f["var"]).index)
 
     def num_rows(self) -> int:
+        if self.is_sharded:
+            return int(self._offsets()[-1])
         with self._open() as f:
             element = self._element(f)
             return int(element.attrs["shape"][0] if _is_group(element) else element.shape[0])
@@ -126,6 +215,8 @@ class AnnDataSource(ModalitySource):
     def read_metadata(self, columns: list[str] | None = None) -> pd.DataFrame:
         from anndata.io import read_elem
 
+        if self.is_sharded:
+            return _stack_obs([part.read_metadata(columns) for part in self.parts])
         with self._open() as f:
             obs = read_elem(f["obs"])
         # the obs index (cell barcodes, sample ids) can be a key: by its name or as "obs_names"
@@ -159,18 +250,20 @@ class AnnDataSource(ModalitySource):
 
     def row_store(self, cache_dir: str | Path | None = None) -> RowStore:
         """The file's matrix read in place, batch by batch (dense, or CSR with only the row pointers in RAM)."""
-        from unimodality.streaming import H5Store
+        from unimodality.streaming import ConcatStore, H5Store, ZarrStore
 
-        if self.is_zarr:
-            raise DataError(f"{self.file}: streaming reads .h5ad files in place; read this .zarr store into memory "
-                            "(leave data.streaming off), or convert it: anndata.read_zarr(path).write_h5ad(...)")
+        if self.is_sharded:
+            self.feature_names()  # files with other features are refused before any row is read
+            return ConcatStore([part.row_store(cache_dir) for part in self.parts])
         with self._open() as f:
             self._element(f)  # a missing layer gets the source's own message
-        return H5Store(self.file, self.element_key)
+        return (ZarrStore if self.is_zarr else H5Store)(self.file, self.element_key)
 
     def _read_raw(self, rows: np.ndarray | None) -> Matrix:
         from anndata.io import sparse_dataset
 
+        if self.is_sharded:
+            return self._read_parts(rows)
         with self._open() as f:
             element = self._element(f)
             if _is_group(element):
@@ -188,6 +281,60 @@ class AnnDataSource(ModalitySource):
                 return np.asarray(element[...], dtype=np.float32)
             take = element.oindex.__getitem__ if hasattr(element, "oindex") else element.__getitem__  # zarr / HDF5
             return np.asarray(_take_sorted(take, rows, sparse=False), dtype=np.float32)
+
+
+    def _read_parts(self, rows: np.ndarray | None) -> Matrix:
+        """Rows of several files: each file's rows read at once, then put back in the order asked for."""
+        self.feature_names()  # files with other features are refused before any row is read
+        offsets = self._offsets()
+        if rows is None:
+            blocks = [part._read_raw(None) for part in self.parts]
+            order = None
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            part_of = np.searchsorted(offsets, rows, side="right") - 1
+            order = np.argsort(part_of, kind="stable")
+            blocks = [self.parts[k]._read_raw(rows[order][part_of[order] == k] - offsets[k])
+                      for k in np.unique(part_of)]
+        if not blocks:  # no rows asked for
+            return self.parts[0]._read_raw(np.zeros(0, dtype=np.int64))
+        sparse = [sp.issparse(block) for block in blocks]
+        if any(sparse) and not all(sparse):
+            raise DataError(f"{self.file}: its files mix dense and sparse matrices; store them alike")
+        matrix = compact_indices(sp.vstack(blocks, format="csr")) if all(sparse) else np.concatenate(blocks)
+        if order is None:
+            return matrix
+        restore = np.empty_like(order)
+        restore[order] = np.arange(len(order))
+        return matrix[restore]
+
+
+def _stack_obs(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """``obs`` tables one after the other; a column categorical in every file stays categorical (the union of
+    the files' categories, sorted when each file's are) instead of becoming plain objects."""
+    from pandas.api.types import union_categoricals
+
+    stacked = pd.concat(frames)
+    for column in stacked.columns:
+        parts = [frame[column] for frame in frames if column in frame]
+        if len(parts) == len(frames) and all(isinstance(part.dtype, pd.CategoricalDtype) for part in parts):
+            ordered = all(part.cat.categories.is_monotonic_increasing for part in parts)
+            stacked[column] = pd.Categorical(union_categoricals(parts, sort_categories=ordered), ordered=False)
+    return stacked
+
+
+def _check_same_features(first: Path, names: list[str], other: Path, other_names: list[str]) -> None:
+    if other_names == names:
+        return
+    if len(other_names) != len(names):
+        detail = f"{len(other_names)} features, {first.name} {len(names)}"
+    elif set(other_names) == set(names):
+        detail = "the same features in another order"
+    else:
+        at = next(i for i, (a, b) in enumerate(zip(names, other_names)) if a != b)
+        detail = f"feature {at} is {other_names[at]!r}, in {first.name} {names[at]!r}"
+    raise DataError(f"{other}: its features differ from those of {first} ({detail}); the files of one source need "
+                    "the same var_names in the same order (e.g. adata[:, common_genes] for each)")
 
 
 def compact_indices(matrix: sp.csr_matrix) -> sp.csr_matrix:
