@@ -490,7 +490,8 @@ def test_describe_anndata(h5ad_files):
     assert described == {
         "class_path": "unimodality.plugins.sources.anndata.AnnDataSource",
         "init_args": {"layer": "scaled", "obsm": None, "obsm_alternatives": None, "alternative_weights": None,
-                      "key_columns": ["sample"], "transform": "log1p", "include": None, "exclude": None},
+                      "key_columns": ["sample"], "transform": "log1p", "include": None, "exclude": None,
+                      "metadata_features": None},
         "features": GENES,
         "input": "vectors",
     }
@@ -508,7 +509,7 @@ def test_describe_table_resolves_prefix(parquet_file):
     assert described["features"] == features
     assert described["init_args"] == {
         "features": features, "feature_prefix": None, "feature_regex": None, "key_columns": None,
-        "transform": "clr", "include": None, "exclude": None,
+        "transform": "clr", "include": None, "exclude": None, "metadata_features": None,
     }
     rebuilt = TableSource(str(parquet_file), **described["init_args"])
     np.testing.assert_array_equal(rebuilt.read_features(empty_rows="warn"), source.read_features(empty_rows="warn"))

@@ -32,6 +32,8 @@ Matrix = np.ndarray | sp.csr_matrix
 RowFilter = dict[str, list[str | int | float | bool]]
 log = logging.getLogger(__name__)
 Transform = Literal["none", "log1p", "normalize_log1p", "clr"]
+#: how a metadata column fed to the tower is scaled (see ``ModalitySource.metadata_features``)
+Scale = Literal["none", "log10", "log1p"]
 
 
 class ModalitySource(RecordsInitArgs):
@@ -51,7 +53,14 @@ class ModalitySource(RecordsInitArgs):
             prediction, are logged with counts, and are stored in the checkpoint so that ``predict`` filters
             new files alike (``--data.source_options '{"exclude": null}'`` embeds every row). Values are
             compared as they are and as text (``7`` matches ``"7"``); a missing column, or a listed value
-            found in no row, is an error.
+            found in no row, is an error (a typing slip), except in ``predict`` applying a checkpoint's
+            filters to a new file, which may simply hold no control row.
+        metadata_features: numeric metadata columns fed to the tower as extra input features, each with its
+            scale, e.g. ``{treatment_concentration: log10}`` (dose as an input): ``log10`` (positive values,
+            e.g. molar concentrations), ``log1p`` (non-negative values, e.g. micromolar), or ``none``. They are
+            appended after the features (after the ``transform``, which they do not go through), named
+            ``log10(treatment_concentration)``; the checkpoint records them, and ``predict`` reads the same
+            columns of new files. A missing, non-numeric or out-of-range value in a row read is an error.
     """
 
     format: str = ""
@@ -65,9 +74,14 @@ class ModalitySource(RecordsInitArgs):
     def __init__(
         self, path: str, key_columns: list[str] | None = None, transform: Transform = "none",
         include: RowFilter | None = None, exclude: RowFilter | None = None,
+        metadata_features: dict[str, Scale] | None = None,
     ) -> None:
         if transform not in ("none", "log1p", "normalize_log1p", "clr"):
             raise ValueError(f"unknown transform {transform!r}; expected none, log1p, normalize_log1p or clr")
+        bad = {c: v for c, v in (metadata_features or {}).items() if v not in ("none", "log10", "log1p")}
+        if bad:
+            raise ValueError(f"{type(self).__name__}: metadata_features {bad}: each column's scale is none, log10 "
+                             "or log1p")
         for name, given in (("include", include), ("exclude", exclude)):
             bad = [column for column, values in (given or {}).items() if not isinstance(values, list | tuple)]
             if bad:
@@ -77,7 +91,11 @@ class ModalitySource(RecordsInitArgs):
         self.transform = transform
         self.include = dict(include or {})
         self.exclude = dict(exclude or {})
+        self.metadata_features = dict(metadata_features or {})
+        #: filters (``include``/``exclude``) recorded in a checkpoint: values they match in no row are no error
+        self.recorded_filters: set[str] = set()
         self._feature_names: list[str] | None = None
+        self._metadata_values: pd.DataFrame | None = None
         self._filtered: np.ndarray | None = None
 
     @property
@@ -156,7 +174,10 @@ class ModalitySource(RecordsInitArgs):
                 match = _matches(meta[column], values)
                 found = {str(v) for v in values if _matches(meta[column], [v]).any()}
                 absent = [v for v in values if str(v) not in found]
-                if absent:
+                if absent and kind in self.recorded_filters:
+                    # a filter read from a checkpoint guards no typing: a new file may simply lack, e.g., controls
+                    log.info("%s: %s filter %s: %s matches no row", self.file, kind, column, absent)
+                elif absent:
                     raise DataError(
                         f"{self.file}: {kind} filter {column}: {absent} matches no row; the column holds e.g. "
                         f"{pd.unique(meta[column].astype(str))[:5].tolist()}"
@@ -192,7 +213,8 @@ class ModalitySource(RecordsInitArgs):
         """
         if align_to is None:
             return self.finish(self._read_raw(rows), rows, empty_rows=empty_rows)
-        return self.finish(self._read_aligned(rows, align_to), rows, align_to, empty_rows=empty_rows)
+        matrix = self._read_aligned(rows, self.matrix_part(align_to))
+        return self.finish(matrix, rows, align_to, empty_rows=empty_rows)
 
     def finish(
         self, matrix: Matrix, rows: np.ndarray | None, names: list[str] | None = None, empty_rows: str = "error"
@@ -208,7 +230,47 @@ class ModalitySource(RecordsInitArgs):
             self._check_not_empty(matrix, rows, empty_rows)
         matrix = apply_transform(matrix, self.transform, inplace=True)  # the rows were just read: ours to change
         self._check_finite(matrix, rows, names, f" after the {self.transform!r} transform")
-        return matrix
+        if not self.metadata_features:
+            return matrix
+        extra = self.metadata_block(rows)
+        return sp.hstack([matrix, sp.csr_matrix(extra)], format="csr") if sp.issparse(matrix) else np.hstack(
+            [matrix, extra])
+
+    # -- metadata columns as input features ---------------------------------------------------------
+    def metadata_feature_names(self) -> list[str]:
+        """Names of the ``metadata_features`` columns among the model's inputs, e.g. ``log10(dose)``."""
+        return [column if scale == "none" else f"{scale}({column})" for column, scale in self.metadata_features.items()]
+
+    def input_names(self) -> list[str]:
+        """What the tower reads: the features, then the ``metadata_features``."""
+        return self.feature_names() + self.metadata_feature_names()
+
+    def matrix_part(self, names: list[str]) -> list[str]:
+        """A model's input names without the trailing ``metadata_features`` (those the file's matrix holds)."""
+        extra = self.metadata_feature_names()
+        return names[:len(names) - len(extra)] if extra and names[len(names) - len(extra):] == extra else names
+
+    def metadata_block(self, rows: np.ndarray | None) -> np.ndarray:
+        """The ``metadata_features`` of ``rows`` (all when None), scaled, as a float32 matrix; a missing,
+        non-numeric or out-of-range value is an error naming the column and rows."""
+        if self._metadata_values is None:
+            self._metadata_values = self.read_metadata(list(self.metadata_features))
+        table = self._metadata_values if rows is None else self._metadata_values.iloc[np.asarray(rows)]
+        file_rows = np.arange(len(table)) if rows is None else np.asarray(rows)
+        out = np.empty((len(table), len(self.metadata_features)), dtype=np.float32)
+        for j, (column, scale) in enumerate(self.metadata_features.items()):
+            raw = table[column]
+            values = pd.to_numeric(raw.astype(object) if isinstance(raw.dtype, pd.CategoricalDtype) else raw,
+                                   errors="coerce").to_numpy(dtype=np.float64)
+            low, what = {"none": (-np.inf, "finite"), "log10": (0.0, "positive"), "log1p": (-1.0, "> -1")}[scale]
+            bad = ~np.isfinite(values) | (values <= low)
+            if bad.any():
+                examples = ", ".join(f"row {r}: {v!r}" if isinstance(v, str) else f"row {r}: {v}"
+                                     for r, v in zip(file_rows[bad][:5], raw.to_numpy()[bad][:5]))
+                raise DataError(f"{self.file}: metadata feature column {column!r} needs {what} numbers "
+                                f"({scale} scale); {int(bad.sum())} rows are not ({examples})")
+            out[:, j] = {"none": values, "log10": np.log10(values), "log1p": np.log1p(values)}[scale]
+        return out
 
     def _read_aligned(self, rows: np.ndarray | None, align_to: list[str]) -> Matrix:
         return align_features(self._read_raw(rows), self.feature_names(), align_to, self.file)
@@ -220,7 +282,7 @@ class ModalitySource(RecordsInitArgs):
         return {
             "class_path": class_path(type(self)),
             "init_args": init_args,
-            "features": list(self.feature_names()),
+            "features": self.input_names(),
             "input": self.input_kind,
         }
 

@@ -175,6 +175,7 @@ class EmbedDataModule(DataModule):
                 f"{cls_name}; its settings: {sorted(entry['init_args'])}"
             )
         self.source = source_cls(path=self.path, **{**entry["init_args"], **self.source_options})
+        self.source.recorded_filters = {"include", "exclude"} - set(self.source_options)
         n_rows = self.source.num_rows()
         usable = self.source.usable_rows()  # rows a source cannot use (and was told to drop) get no embedding
         rows = np.arange(n_rows) if usable is None else np.flatnonzero(usable)
@@ -204,10 +205,11 @@ class EmbedDataModule(DataModule):
                 "rename them, or write an .h5ad output"
             )
 
-    def _streamed(self, align_to: list[str]) -> StreamedRows:
+    def _streamed(self, inputs: list[str]) -> StreamedRows:
         from unimodality.streaming import NpyStore, table_cache
 
         source = self.source
+        align_to = source.matrix_part(inputs)  # metadata features are appended to the rows read (finish)
         if isinstance(source, AnnDataSource):
             return StreamedRows(source, source.row_store(), source.feature_names(), align_to)
         if isinstance(source, TableSource):

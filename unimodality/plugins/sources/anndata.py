@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from unimodality.errors import DataError
 from unimodality.paths import resolve_path
-from unimodality.sources import Matrix, ModalitySource, RowFilter, Transform, check_readable
+from unimodality.sources import Matrix, ModalitySource, RowFilter, Scale, Transform, check_readable
 
 if TYPE_CHECKING:
     from unimodality.streaming import RowStore
@@ -73,6 +73,8 @@ class AnnDataSource(ModalitySource):
         transform: see :class:`ModalitySource`.
         include: keep only rows whose metadata holds the listed values; see :class:`ModalitySource`.
         exclude: leave out rows whose metadata holds the listed values; see :class:`ModalitySource`.
+        metadata_features: numeric metadata columns fed to the tower too (dose as an input, e.g.
+            ``{treatment_concentration: log10}``); see :class:`ModalitySource`.
     """
 
     format = "h5ad"
@@ -90,8 +92,10 @@ class AnnDataSource(ModalitySource):
         transform: Transform = "none",
         include: RowFilter | None = None,
         exclude: RowFilter | None = None,
+        metadata_features: dict[str, Scale] | None = None,
     ) -> None:
-        super().__init__(path, key_columns=key_columns, transform=transform, include=include, exclude=exclude)
+        super().__init__(path, key_columns=key_columns, transform=transform, include=include, exclude=exclude,
+                         metadata_features=metadata_features)
         if layer is not None and obsm is not None:
             raise ValueError("AnnDataSource: give layer or obsm, not both")
         alternatives = list(obsm_alternatives or [])
@@ -238,7 +242,8 @@ class AnnDataSource(ModalitySource):
             return None
         matrices = []
         for key in self.obsm_alternatives:
-            other = AnnDataSource(self.path, obsm=key, transform=self.transform)
+            other = AnnDataSource(self.path, obsm=key, transform=self.transform,
+                                  metadata_features=self.metadata_features)
             if len(other.feature_names()) != len(self.feature_names()):
                 raise DataError(
                     f"{self.file}: obsm[{key!r}] has {len(other.feature_names())} columns, obsm[{self.obsm!r}] "

@@ -15,6 +15,7 @@ from unimodality.sources import (
     Matrix,
     ModalitySource,
     RowFilter,
+    Scale,
     Transform,
     align_features,
     check_feature_columns,
@@ -51,6 +52,8 @@ class TableSource(ModalitySource):
         transform: see :class:`ModalitySource`.
         include: keep only rows whose metadata holds the listed values; see :class:`ModalitySource`.
         exclude: leave out rows whose metadata holds the listed values; see :class:`ModalitySource`.
+        metadata_features: numeric metadata columns fed to the tower too (dose as an input, e.g.
+            ``{treatment_concentration: log10}``); see :class:`ModalitySource`.
     """
 
     format = "table"
@@ -67,8 +70,10 @@ class TableSource(ModalitySource):
         transform: Transform = "none",
         include: RowFilter | None = None,
         exclude: RowFilter | None = None,
+        metadata_features: dict[str, Scale] | None = None,
     ) -> None:
-        super().__init__(path, key_columns=key_columns, transform=transform, include=include, exclude=exclude)
+        super().__init__(path, key_columns=key_columns, transform=transform, include=include, exclude=exclude,
+                         metadata_features=metadata_features)
         given = [x is not None for x in (features, feature_prefix, feature_regex)]
         if sum(given) != 1:
             raise ValueError(
