@@ -9,12 +9,15 @@ non-zero), a dense ``.h5ad`` and a parquet table, then measures, in one run:
   D  near-sequential streaming of the same file (blocks as large as a buffer)
 
 C and D are measured with a warm page cache and a cold one (the file's pages dropped with
-``posix_fadvise(DONTNEED)`` before the pass). Each streaming pass runs in a fresh process so its peak
+``posix_fadvise(DONTNEED)`` before the pass). Sharded cases read the same rows as several files: the CSR
+file split into 4 ``.h5ad`` files (``csr_sharded``, one source over their folder) and the table into 8
+parquet files (``parquet_sharded``); their C and D are reported as ratios to the single file's (goal >= 0.8). Each streaming pass runs in a fresh process so its peak
 resident memory (VmHWM) is its own; the baseline is that process after setup, before the first batch.
 Goals (printed as ratios): C >= 0.5 x D warm; for CSR C >= 10 x B(h5py) and >= 100 x B(anndata);
 peak RSS of C <= baseline + 2 buffers; C feeds >= 2 x what an MLP encoder consumes.
 
     python benchmarks/loader.py --dir /tmp/unimodality-bench     # about 10 min the first time (generation)
+    python benchmarks/loader.py --cases csr csr_sharded           # some cases only
 """
 
 from __future__ import annotations
@@ -99,23 +102,64 @@ def make_parquet(path: Path, n_rows: int, n_features: int, seed: int = 2, chunk:
     os.replace(tmp, path)
 
 
+def split_csr(path: Path, folder: Path, shards: int, chunk: int = 2_000_000) -> None:
+    """The rows of a CSR .h5ad as ``shards`` consecutive .h5ad files, copied range by range."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "r") as source:
+        n_obs, n_var = (int(v) for v in source["X"].attrs["shape"])
+        indptr = source["X/indptr"][()]
+        bounds = np.linspace(0, n_obs, shards + 1).astype(int)
+        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            with h5py.File(tmp / f"plate_{k}.h5ad", "w") as f:
+                write_obs_var(f, b - a, n_var)
+                X = f.create_group("X")
+                X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (b - a, n_var)})
+                lo, hi = int(indptr[a]), int(indptr[b])
+                X.create_dataset("indptr", data=indptr[a:b + 1] - lo)
+                for name in ("data", "indices"):
+                    out = X.create_dataset(name, (hi - lo,), dtype=source["X"][name].dtype, chunks=True)
+                    for start in range(lo, hi, chunk):
+                        out[start - lo:min(start + chunk, hi) - lo] = source["X"][name][start:min(start + chunk, hi)]
+    os.replace(tmp, folder)
+
+
+def split_parquet(path: Path, folder: Path, shards: int) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(path)
+    bounds = np.linspace(0, table.num_rows, shards + 1).astype(int)
+    for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        pq.write_table(table.slice(a, b - a), tmp / f"part-{k}.parquet")
+    os.replace(tmp, folder)
+
+
 # -- one-sample reads (B) and in-memory indexing (A) ------------------------------------------------------
 
+def files_of(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+
+
 def drop_cache(path: Path) -> None:
-    """Evict a file's pages from the page cache (cold reads), without privileges."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    """Evict a file's pages (every file's, for a folder) from the page cache (cold reads), without privileges."""
+    for file in files_of(path):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def warm_cache(path: Path) -> None:
-    """Read a file once so that its pages are in the page cache (a warm pass must not pay for disk)."""
-    with open(path, "rb") as f:
-        while f.read(64 << 20):
-            pass
+    """Read a file (every file of a folder) once so that its pages are in the page cache (a warm pass must not
+    pay for disk)."""
+    for file in files_of(path):
+        with open(file, "rb") as f:
+            while f.read(64 << 20):
+                pass
 
 
 def one_sample_h5py(path: Path, n: int, seed: int = 0) -> float:
@@ -179,7 +223,8 @@ def hwm():
             return int(line.split()[1]) * 1024
 
 path, block, buffers, batches, cache = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-source = source_for(path)(path) if path.endswith(".h5ad") else source_for(path)(path, feature_prefix="feat_")
+cls = source_for(path)
+source = cls(path) if cls.__name__ == "AnnDataSource" else cls(path, feature_prefix="feat_")
 data = SingleDataModule(source, val_fraction=0.0, test_fraction=0.0, batch_size=BATCH, streaming=True,
                         block_size=block, buffer_batches=buffers, cache_dir=cache)
 data.prepare_data()
@@ -198,7 +243,7 @@ print(json.dumps({{"rate": n / (time.perf_counter() - t), "base": base, "peak": 
 
 def stream_pass(path: Path, block: int, buffers: int, batches: int, cold: bool, cache: Path) -> dict:
     target = path
-    if path.suffix == ".parquet":  # the streamed file is the cache; convert once before timing
+    if path.suffix == ".parquet" or path.name.startswith("table"):  # the streamed file is the cache; convert once
         from unimodality.plugins.sources.table import TableSource
         from unimodality.streaming import table_cache
 
@@ -238,6 +283,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.05)
     parser.add_argument("--batches", type=int, default=400, help="batches per streaming pass")
     parser.add_argument("--quick", action="store_true", help="small files (a smoke run, not the goal's 2 GB)")
+    parser.add_argument("--cases", nargs="+", default=["csr", "dense", "parquet", "csr_sharded", "parquet_sharded"])
     args = parser.parse_args()
     if args.quick:
         args.cells, args.genes, args.batches = 20_000, 2_000, 50
@@ -253,20 +299,33 @@ def main() -> None:
         make_dense(files["dense"], args.cells // 4, args.genes // 10)
     if not files["parquet"].exists():
         make_parquet(files["parquet"], args.cells // 2, args.genes // 20)
-    print(f"data ready in {time.perf_counter() - t:.0f} s: "
-          + ", ".join(f"{k} {p.stat().st_size / 1e9:.2f} GB" for k, p in files.items()))
+    files["csr_sharded"] = files["csr"].with_name(files["csr"].stem + "_4plates")
+    files["parquet_sharded"] = files["parquet"].with_name(files["parquet"].stem + "_8parts")
+    if not files["csr_sharded"].exists():
+        split_csr(files["csr"], files["csr_sharded"], 4)
+    if not files["parquet_sharded"].exists():
+        split_parquet(files["parquet"], files["parquet_sharded"], 8)
+    files = {kind: path for kind, path in files.items() if kind in args.cases}
+    size = {kind: sum(f.stat().st_size for f in files_of(path)) / 1e9 for kind, path in files.items()}
+    print(f"data ready in {time.perf_counter() - t:.0f} s: " + ", ".join(f"{k} {v:.2f} GB" for k, v in size.items()))
 
     cache = folder / "cache"
     results = {}
     for kind, path in files.items():
-        n_features = H5Store(path, "X").n_features if path.suffix == ".h5ad" else args.genes // 20
-        row = {"file_gb": path.stat().st_size / 1e9, "n_features": int(n_features)}
+        first = files_of(path)[0]
+        n_features = H5Store(first, "X").n_features if first.suffix == ".h5ad" else args.genes // 20
+        row = {"file_gb": size[kind], "n_features": int(n_features)}
         buffer_rows = 16 * BATCH
         row["C_warm"] = stream_pass(path, 64, 16, args.batches, cold=False, cache=cache)
         row["C_cold"] = stream_pass(path, 64, 16, args.batches, cold=True, cache=cache)
         row["D_warm"] = stream_pass(path, buffer_rows, 16, args.batches, cold=False, cache=cache)
         row["D_cold"] = stream_pass(path, buffer_rows, 16, args.batches, cold=True, cache=cache)
-        if path.suffix == ".h5ad":
+        single = results.get(kind.removesuffix("_sharded"))
+        if kind.endswith("_sharded"):
+            if single is not None:  # the same rows in one file, measured in this run
+                row["ratios_to_single_file"] = {name: row[name]["rate"] / single[name]["rate"]
+                                                for name in ("C_warm", "C_cold", "D_warm", "D_cold")}
+        elif path.suffix == ".h5ad":
             n_single = 300 if kind == "csr" else 3000
             row["B_h5py"] = one_sample_h5py(path, n_single)
             row["B_anndata"] = one_sample_anndata(path, n_single if kind == "dense" else 100)
@@ -298,6 +357,8 @@ def main() -> None:
             row["ratios"]["C/A"] = c["rate"] / row["A_in_memory"]
         results[kind] = row
         print(f"\n{kind}: {path.name} ({row['file_gb']:.2f} GB, {n_features} features)")
+        for name, value in row.get("ratios_to_single_file", {}).items():
+            print(f"  {name} / single file {value:8.2f}")
         for name in ("A_in_memory", "B_h5py", "B_anndata", "B_arrow_take"):
             if name in row:
                 print(f"  {name:14s} {row[name]:>12,.0f} samples/s")

@@ -233,6 +233,19 @@ class ZarrStore(H5Store):
                 at += b - a
 
 
+def stack_csr(blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
+    """CSR blocks of one width one above the other, by concatenating their arrays (scipy's vstack costs a
+    third of a sharded buffer read, checking and converting what is known here)."""
+    sizes = np.array([block.nnz for block in blocks])
+    index_dtype = np.int32 if sizes.sum() < 2**31 else np.int64
+    offsets = np.cumsum(np.r_[0, sizes[:-1]])
+    indptr = np.concatenate([np.zeros(1, index_dtype)] + [(block.indptr[1:] + at).astype(index_dtype, copy=False)
+                                                          for block, at in zip(blocks, offsets)])
+    data = np.concatenate([block.data for block in blocks])
+    indices = np.concatenate([block.indices.astype(index_dtype, copy=False) for block in blocks])
+    return sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, blocks[0].shape[1]))
+
+
 class ConcatStore(RowStore):
     """The rows of several stores (the files of one source) one after the other.
 
@@ -283,7 +296,7 @@ class ConcatStore(RowStore):
             return self.stores[0].read_range(0, 0)
         if len(blocks) == 1:
             return blocks[0]
-        return sp.vstack(blocks, format="csr") if self._sparse else np.concatenate(blocks)
+        return stack_csr(blocks) if self._sparse else np.concatenate(blocks)
 
     def close(self) -> None:
         for store in self.stores:
