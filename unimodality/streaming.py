@@ -178,26 +178,40 @@ class H5Store(RowStore):
         if out.size:
             dataset.id.read(h5py.h5s.create_simple(out.shape), file_space, out)
 
+    def entries(self, starts: np.ndarray, stops: np.ndarray) -> int:
+        """How many stored values the runs hold: rows x features (dense) or non-zeros (CSR)."""
+        if self.indptr is None:
+            return int((stops - starts).sum()) * self.n_features
+        return int((self.indptr[stops] - self.indptr[starts]).sum())
+
+    def row_lengths(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        """Non-zeros per row of the runs, one row after the other (CSR)."""
+        if not len(starts):
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.diff(self.indptr[a:b + 1]) for a, b in zip(starts, stops)])
+
+    def read_into(self, starts: np.ndarray, stops: np.ndarray, values: np.ndarray,
+                  indices: np.ndarray | None = None) -> None:
+        """The runs' rows into ``values`` (dense: rows x features), or their non-zeros into ``values`` and
+        their column indices into ``indices`` (CSR): arrays the caller allocated, so that several files'
+        runs fill one buffer without a copy."""
+        if self.indptr is None:
+            self._read("X", starts.tolist(), stops.tolist(), values)
+            return
+        lo, hi = self.indptr[starts].tolist(), self.indptr[stops].tolist()
+        self._read("data", lo, hi, values)
+        self._read("indices", lo, hi, indices)
+
     def read_runs(self, starts: np.ndarray, stops: np.ndarray) -> Matrix:
-        sizes = stops - starts
-        n = int(sizes.sum())
+        n = int((stops - starts).sum())
         if self.indptr is None:
             out = np.empty((n, self.n_features), dtype=np.float32)
-            self._read("X", starts.tolist(), stops.tolist(), out)
+            self.read_into(starts, stops, out)
             return out
-        lo, hi = self.indptr[starts], self.indptr[stops]
-        nnz = int((hi - lo).sum())
-        # 32-bit column indices and row pointers when they fit (they nearly always do within a buffer):
-        # half the memory of 64-bit ones, and scipy keeps them as they are instead of copying to unify
-        index_dtype = np.int32 if max(nnz, self.n_features) < 2**31 else np.int64
-        data = np.empty(nnz, dtype=np.float32)
-        indices = np.empty(nnz, dtype=index_dtype)
-        self._read("data", lo.tolist(), hi.tolist(), data)
-        self._read("indices", lo.tolist(), hi.tolist(), indices)
-        row_lengths = np.concatenate([np.diff(self.indptr[a:b + 1]) for a, b in zip(starts, stops)]) if n else []
-        indptr = np.zeros(n + 1, dtype=index_dtype)
-        np.cumsum(row_lengths, out=indptr[1:])
-        return sp.csr_matrix((data, indices, indptr), shape=(n, self.n_features))
+        nnz = self.entries(starts, stops)
+        data, indices = np.empty(nnz, dtype=np.float32), np.empty(nnz, dtype=_index_dtype(nnz, self.n_features))
+        self.read_into(starts, stops, data, indices)
+        return _csr(data, indices, self.row_lengths(starts, stops), self.n_features)
 
     def close(self) -> None:
         if self.is_open and hasattr(self._handle, "close"):
@@ -233,17 +247,16 @@ class ZarrStore(H5Store):
                 at += b - a
 
 
-def stack_csr(blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
-    """CSR blocks of one width one above the other, by concatenating their arrays (scipy's vstack costs a
-    third of a sharded buffer read, checking and converting what is known here)."""
-    sizes = np.array([block.nnz for block in blocks])
-    index_dtype = np.int32 if sizes.sum() < 2**31 else np.int64
-    offsets = np.cumsum(np.r_[0, sizes[:-1]])
-    indptr = np.concatenate([np.zeros(1, index_dtype)] + [(block.indptr[1:] + at).astype(index_dtype, copy=False)
-                                                          for block, at in zip(blocks, offsets)])
-    data = np.concatenate([block.data for block in blocks])
-    indices = np.concatenate([block.indices.astype(index_dtype, copy=False) for block in blocks])
-    return sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, blocks[0].shape[1]))
+def _index_dtype(nnz: int, n_features: int) -> type:
+    # 32-bit column indices and row pointers when they fit (they nearly always do within a buffer): half the
+    # memory of 64-bit ones, and scipy keeps them as they are instead of copying to unify
+    return np.int32 if max(nnz, n_features) < 2**31 else np.int64
+
+
+def _csr(data: np.ndarray, indices: np.ndarray, row_lengths: np.ndarray, n_features: int) -> sp.csr_matrix:
+    indptr = np.zeros(len(row_lengths) + 1, dtype=indices.dtype)
+    np.cumsum(row_lengths, out=indptr[1:])
+    return sp.csr_matrix((data, indices, indptr), shape=(len(row_lengths), n_features))
 
 
 class ConcatStore(RowStore):
@@ -253,7 +266,7 @@ class ConcatStore(RowStore):
     thousands of files holds a bounded number of handles (each HDF5 file keeps its own metadata cache).
     """
 
-    def __init__(self, stores: list[RowStore], max_open: int = 8) -> None:
+    def __init__(self, stores: list[H5Store], max_open: int = 8) -> None:
         if not stores:
             raise ValueError("ConcatStore needs at least one store")
         widths = {store.n_features for store in stores}
@@ -272,7 +285,7 @@ class ConcatStore(RowStore):
             raise DataError("the files of one source mix dense and sparse matrices; store them alike")
         self._sparse = all(sparse)
 
-    def _use(self, k: int) -> RowStore:
+    def _use(self, k: int) -> H5Store:
         if k in self._recent:
             self._recent.remove(k)
         elif len(self._recent) >= self.max_open:
@@ -280,23 +293,41 @@ class ConcatStore(RowStore):
         self._recent.append(k)
         return self.stores[k]
 
+    def _pieces(self, starts: np.ndarray, stops: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """The runs cut at file boundaries: (file number, its local starts, stops), in row order."""
+        pieces = []
+        if not len(starts):
+            return pieces
+        first = int(np.searchsorted(self.offsets, starts[0], side="right") - 1)
+        last = int(np.searchsorted(self.offsets, max(stops[-1] - 1, starts[0]), side="right") - 1)
+        for k in range(first, min(last, len(self.stores) - 1) + 1):
+            lo, hi = self.offsets[k], self.offsets[k + 1]
+            a, b = np.clip(starts, lo, hi), np.clip(stops, lo, hi)
+            inside = b > a
+            if inside.any():
+                pieces.append((k, a[inside] - lo, b[inside] - lo))
+        return pieces
+
     def read_runs(self, starts: np.ndarray, stops: np.ndarray) -> Matrix:
-        starts, stops = np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64)
-        blocks = []
-        if len(starts):
-            first = int(np.searchsorted(self.offsets, starts[0], side="right") - 1)
-            last = int(np.searchsorted(self.offsets, max(stops[-1] - 1, starts[0]), side="right") - 1)
-            for k in range(first, min(last, len(self.stores) - 1) + 1):
-                lo, hi = self.offsets[k], self.offsets[k + 1]
-                a, b = np.clip(starts, lo, hi), np.clip(stops, lo, hi)
-                inside = b > a
-                if inside.any():
-                    blocks.append(self._use(k).read_runs(a[inside] - lo, b[inside] - lo))
-        if not blocks:
-            return self.stores[0].read_range(0, 0)
-        if len(blocks) == 1:
-            return blocks[0]
-        return stack_csr(blocks) if self._sparse else np.concatenate(blocks)
+        # every file's runs read straight into one buffer: no per-file block, no copy to stack them
+        pieces = self._pieces(np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64))
+        sizes = [self.stores[k].entries(a, b) for k, a, b in pieces]
+        if not self._sparse:
+            out = np.empty((sum(sizes) // max(self.n_features, 1), self.n_features), dtype=np.float32)
+            at = 0
+            for (k, a, b), size in zip(pieces, sizes):
+                rows = size // max(self.n_features, 1)
+                self._use(k).read_into(a, b, out[at:at + rows])
+                at += rows
+            return out
+        data = np.empty(sum(sizes), dtype=np.float32)
+        indices = np.empty(sum(sizes), dtype=_index_dtype(sum(sizes), self.n_features))
+        at = 0
+        for (k, a, b), size in zip(pieces, sizes):
+            self._use(k).read_into(a, b, data[at:at + size], indices[at:at + size])
+            at += size
+        lengths = [self.stores[k].row_lengths(a, b) for k, a, b in pieces]
+        return _csr(data, indices, np.concatenate(lengths) if lengths else np.zeros(0, np.int64), self.n_features)
 
     def close(self) -> None:
         for store in self.stores:
