@@ -401,7 +401,10 @@ def apply_transform(matrix: Matrix, transform: str, inplace: bool = False) -> Ma
 
 
 def align_features(matrix: Matrix, names: list[str], target: list[str], file: Path) -> Matrix:
-    """Reorder columns to ``target`` by name; target features absent from the file become zeros."""
+    """Reorder columns to ``target`` by name; target features absent from the file become zeros. The matrix
+    itself when its features already are ``target``, in order (no copy of a file's worth of rows)."""
+    if len(names) == len(target) and list(names) == list(target):
+        return matrix
     index = pd.Index(names).get_indexer(target)
     present = np.flatnonzero(index >= 0)
     if present.size == 0:

@@ -275,18 +275,23 @@ class AnnDataSource(ModalitySource):
                 encoding = element.attrs.get("encoding-type", "")
                 if encoding not in ("csr_matrix", "csc_matrix"):
                     raise DataError(f"{self.file}: cannot read matrix of encoding {encoding!r}")
-                data = sparse_dataset(element)
                 if rows is None or encoding == "csc_matrix":
-                    matrix = sp.csr_matrix(data.to_memory())
+                    matrix = sp.csr_matrix(sparse_dataset(element).to_memory())
                     matrix = matrix if rows is None else matrix[rows]
-                else:
-                    matrix = _take_sorted(lambda r: data[r], rows, sparse=True)
-                return compact_indices(sp.csr_matrix(matrix, dtype=np.float32))
-            if rows is None:
+                    return compact_indices(sp.csr_matrix(matrix, dtype=np.float32))
+            elif rows is None:
                 return np.asarray(element[...], dtype=np.float32)
-            take = element.oindex.__getitem__ if hasattr(element, "oindex") else element.__getitem__  # zarr / HDF5
-            return np.asarray(_take_sorted(take, rows, sparse=False), dtype=np.float32)
-
+        # chosen rows through the streaming store: one read per run of nearby rows, where anndata's backed
+        # indexing reads row by row (400,000 HDF5 reads for a 200,000-cell file)
+        unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        store = self.row_store()
+        try:
+            block = store.read_rows(unique)
+        finally:
+            store.close()
+        if len(unique) != len(inverse) or not np.array_equal(unique, rows):
+            block = block[inverse]
+        return compact_indices(block) if sp.issparse(block) else np.asarray(block, dtype=np.float32)
 
     def _read_parts(self, rows: np.ndarray | None) -> Matrix:
         """Rows of several files: each file's rows read at once, then put back in the order asked for."""
@@ -350,13 +355,6 @@ def compact_indices(matrix: sp.csr_matrix) -> sp.csr_matrix:
         matrix.indptr = matrix.indptr.astype(np.int32, copy=False)
         matrix.indices = matrix.indices.astype(np.int32, copy=False)
     return matrix
-
-
-def _take_sorted(read, rows: np.ndarray, sparse: bool) -> Matrix:
-    """HDF5 reads need increasing unique indices: read those, then restore the requested order."""
-    unique, inverse = np.unique(np.asarray(rows), return_inverse=True)
-    block = read(unique)
-    return block[inverse] if not sparse else sp.csr_matrix(block)[inverse]
 
 
 def _is_group(element: Any) -> bool:
