@@ -184,7 +184,7 @@ def test_collector_under_ddp_matches_one_process(tmp_path):
 def test_setup_logs_perturbation_metrics_with_chance(example_data_dir):
     import pandas as pd
 
-    from helpers import example_datamodule, quiet_trainer
+    from tests.helpers import example_datamodule, quiet_trainer
     from unimodality.plugins.encoders.mlp import MLPEncoder
     from unimodality.plugins.setups.cross_modal import CrossModalSetup
 
