@@ -3,6 +3,7 @@
 from unimodality.augmentation import Augmentation
 from unimodality.datamodule import DataModule
 from unimodality.encoder import Encoder
+from unimodality.evaluation import Evaluator, evaluate
 from unimodality.loss import ContrastiveLoss
 from unimodality.setup import Setup
 from unimodality.sources import ModalitySource
@@ -28,8 +29,10 @@ __all__ = [
     "ContrastiveLoss",
     "DataModule",
     "Encoder",
+    "Evaluator",
     "ModalitySource",
     "Setup",
     "TableSource",
     "Tower",
+    "evaluate",
 ]

@@ -42,6 +42,7 @@ Multimodal contrastive learning for biology.
   unimodality fit --config configs/clip.yaml                 train (on the bundled example data)
   unimodality validate --ckpt_path RUN/checkpoints/best.ckpt evaluate a checkpoint on its own data
   unimodality predict --ckpt_path CKPT --data.path FILE      embed a new .h5ad or table
+  unimodality evaluate --config configs/evaluate/lincs.yaml  score embeddings against baselines
   unimodality plugins                                        list the registered plugins
   unimodality example-data --out DIR                         write the example data files
 """
@@ -398,6 +399,44 @@ def _example_data(args: list[str]) -> None:
         print(path)
 
 
+EVALUATE_DESCRIPTION = """\
+Score embeddings the way the field does, each number next to its baselines (raw features, their PCA, a
+random projection): known-relationship recall, copairs mAP (replicate retrieval, consistency) with
+p-values, cross-modal retrieval, kNN and linear probes. See docs/evaluating.md.
+
+  unimodality evaluate --config configs/evaluate/lincs.yaml
+  unimodality evaluate --inputs cells.h5ad --embedding X_unimodality --labels cell_type --output runs/eval
+  unimodality evaluate --inputs screen/ --embedding runs/x/checkpoints/best.ckpt --perturbation gene \\
+      --batch plate --control non-targeting --evaluators '[KnownRelationshipRecall, ReplicateRetrievalMAP]'
+"""
+
+
+def _evaluate(args: list[str]) -> None:
+    """``unimodality evaluate``: the options of :func:`unimodality.evaluation.evaluate`, from YAML or the
+    command line; writes the report into ``--output`` and prints it."""
+    from jsonargparse import ActionConfigFile
+
+    from unimodality import evaluation
+
+    _check_config_files(args)  # the classes a config names, before jsonargparse imports any
+    parser = UnimodalityArgumentParser(prog="unimodality evaluate", description=EVALUATE_DESCRIPTION,
+                                       formatter_class=_raw_formatter())
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    parser.add_argument("--inputs", type=str | list[str], required=True,
+                        help="the input file(s): .h5ad, parquet or CSV/TSV (gzipped too), or a folder of them; each "
+                        "is one dataset")
+    parser.add_argument("--output", type=str, default="runs/evaluate",
+                        help="folder of the report: evaluation.csv/.json, details/, plots/")
+    parser.add_function_arguments(evaluation.evaluate, skip={"data", "output"})
+    config = parser.instantiate_classes(parser.parse_args(args))
+    options = {key: value for key, value in vars(config).items() if key not in ("config", "inputs", "__path__")}
+    table = evaluation.evaluate(config.inputs, **options)
+    print(evaluation.format_table(table))
+    for note in table.attrs.get("notes", []):
+        print(f"note: {note}")
+    print(f"\nEvaluation written to {Path(config.output) / 'evaluation.csv'} (and .json, details/, plots/)", flush=True)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``unimodality`` command.
 
@@ -453,6 +492,8 @@ def _main(args: list[str] | None) -> None:
         return _print_plugins()
     if args[:1] == ["example-data"]:
         return _example_data(args[1:])
+    if args[:1] == ["evaluate"]:
+        return _evaluate(args[1:])
     _check_config_files(args)
     if from_command_line:
         # rewritten in place: DDP launches its worker processes with this same command line

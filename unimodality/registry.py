@@ -22,6 +22,7 @@ GROUPS: dict[str, str] = {
     "unimodality.setups": "setups",
     "unimodality.augmentations": "augmentations",
     "unimodality.sources": "sources",
+    "unimodality.evaluators": "evaluators",
 }
 
 

@@ -58,6 +58,7 @@ def _bases() -> dict[str, tuple[type, ...]]:
     from unimodality.augmentation import Augmentation
     from unimodality.datamodule import DataModule
     from unimodality.encoder import Encoder
+    from unimodality.evaluation import Evaluator
     from unimodality.loss import ContrastiveLoss
     from unimodality.setup import Setup
     from unimodality.sources import ModalitySource
@@ -70,6 +71,7 @@ def _bases() -> dict[str, tuple[type, ...]]:
         "loss": (ContrastiveLoss,),
         "augmentation": (Augmentation,),
         "source": (ModalitySource,),
+        "evaluator": (Evaluator,),
         "optimizer": (torch.optim.Optimizer,),
         "lr_scheduler": schedulers,
         "logger": (Logger,),
@@ -89,7 +91,7 @@ SLOTS = {
     "augmentations": "augmentation", "augmentation": "augmentation", "modalities": "source",
     "schema": "source", "source": "source", "optimizer": "optimizer", "lr_scheduler": "lr_scheduler",
     "logger": "logger", "callbacks": "callback", "strategy": "strategy", "accelerator": "accelerator",
-    "plugins": "plugin", "profiler": "profiler",
+    "plugins": "plugin", "profiler": "profiler", "evaluators": "evaluator",
 }
 #: slots where a plain name is Lightning's own registry name ("ddp", "gpu", "simple"), not a class
 NAMED_SLOTS = {"strategy", "accelerator", "profiler", "plugin"}
@@ -155,7 +157,7 @@ def check_class(name: Any, kind: str, origin: str, where: str, imports: bool = T
 
 #: slot kind -> its plugin group
 GROUP_OF = {"setup": "setups", "datamodule": "datamodules", "encoder": "encoders", "loss": "losses",
-            "augmentation": "augmentations", "source": "sources"}
+            "augmentation": "augmentations", "source": "sources", "evaluator": "evaluators"}
 
 
 def _expected(kind: str) -> str:
