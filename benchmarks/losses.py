@@ -1,13 +1,23 @@
 """Forward+backward time and peak memory of every built-in loss, next to a naive reference.
 
 The naive reference computes the same loss the way a direct transcription of the formula does: one
-Python iteration per anchor, each vectorised over the candidates. Both are run in the same invocation,
-on the same inputs, and must agree (the script checks it). Each measurement runs in a fresh process:
-memory is the rise of the process's peak resident set (CPU) or of ``torch.cuda.max_memory_allocated``
-(GPU) over one forward+backward, measured before any warm-up; time is the median of ``--repeats`` runs.
+Python iteration per anchor, each vectorised over the candidates (VICReg: per anchor for the invariance
+term, per feature for the variance and covariance terms; DCCA: the paper's inverse square roots by
+eigen-decomposition, per-anchor group means; Sinkhorn: autograd through every unrolled iteration,
+as differentiating POT's solver does, instead of the envelope gradient). Both are run in the same
+invocation, on the same inputs, and must agree (the script checks it). Each measurement runs in a fresh
+process: memory is the rise of the process's peak resident set (CPU) or of
+``torch.cuda.max_memory_allocated`` (GPU) over one forward+backward, measured before any warm-up; time is
+the median of ``--repeats`` runs. ``vs clip`` is each loss's time over ``ClipLoss``'s at the same batch
+and dimension, measured in the same run (when ``ClipLoss`` is among ``--losses``).
+
+VICReg and DCCA get un-normalised inputs (``normalized_inputs = False``), the others L2-normalised ones.
+The unrolled Sinkhorn reference keeps every iteration's ``n x n`` tensors for backward: it is skipped
+above ``--max-naive-sinkhorn`` rows.
 
     python benchmarks/losses.py                         # batch 256/1024/4096 x dim 256/512
     python benchmarks/losses.py --batch 256 1024 --dim 256 --repeats 3
+    python benchmarks/losses.py --losses ClipLoss VICRegLoss DCCALoss --batch 256 1024
     python benchmarks/losses.py --device cuda
 
 Writes ``benchmarks/results/losses.json``.
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import resource
 import statistics
@@ -29,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results" / "losses.json"
-LOSSES = ("ClipLoss", "SigLipLoss", "HopfieldLoss", "NTXentLoss")
+LOSSES = ("ClipLoss", "SigLipLoss", "HopfieldLoss", "NTXentLoss", "VICRegLoss", "DCCALoss", "S2LLoss", "CWCLLoss",
+          "SinkhornLoss")
 
 
 # -- naive references: one anchor at a time --------------------------------------------------------
@@ -90,8 +102,98 @@ def naive_ntxent(loss, a, b, group):
     return total / len(z)
 
 
+def naive_vicreg(loss, a, b, group):
+    n, d = a.shape
+    invariance = 0.0
+    for i in range(n):
+        positive = _positives(group, i).bool()
+        invariance = invariance + (a[i] - b[positive]).pow(2).sum(dim=1).mean()
+    invariance = invariance / (n * d)
+
+    def variance(x):
+        total = 0.0
+        for k in range(d):
+            total = total + F.relu(loss.std_target - torch.sqrt(x[:, k].var() + loss.eps))
+        return total / d
+
+    def covariance(x):
+        x = x - x.mean(dim=0)
+        total = 0.0
+        for k in range(d):
+            row = x.T @ x[:, k] / (n - 1)
+            total = total + row.pow(2).sum() - row[k].pow(2)
+        return total / d
+
+    return (loss.sim_coeff * invariance + loss.std_coeff * (variance(a) + variance(b)) / 2
+            + loss.cov_coeff * (covariance(a) + covariance(b)))
+
+
+def naive_dcca(loss, a, b, group):
+    n, d = a.shape
+    a, b = a - a.mean(dim=0), b - b.mean(dim=0)
+    b_paired = torch.stack([b[_positives(group, i).bool()].mean(dim=0) for i in range(n)])
+    eye = torch.eye(d, dtype=a.dtype, device=a.device)
+
+    def inverse_sqrt(m):
+        values, vectors = torch.linalg.eigh(m)
+        return vectors @ torch.diag(values.rsqrt()) @ vectors.T
+
+    s_aa = a.T @ a / (n - 1) + loss.ridge * eye
+    s_bb = b.T @ b / (n - 1) + loss.ridge * eye
+    t = inverse_sqrt(s_aa) @ (a.T @ b_paired / (n - 1)) @ inverse_sqrt(s_bb)
+    return -torch.linalg.svdvals(t)[: loss.top_k or d].sum()
+
+
+def naive_s2l(loss, a, b, group):
+    teacher = (b if loss.teacher == "b" else a).detach()
+    total = 0.0
+    for i in range(len(a)):
+        s = 1 - torch.atan((teacher - teacher[i]).pow(2).sum(dim=1) / loss.distance_scale) * (4 / math.pi)
+        s = torch.where(s < loss.threshold, torch.zeros_like(s), s)
+        s = torch.where(_positives(group, i).bool(), torch.ones_like(s), s)
+        logits = loss.scale * (b @ a[i]) + loss.bias
+        total = total - (s * F.logsigmoid(logits) + (loss.gamma - loss.delta * s) * F.logsigmoid(-logits)).sum()
+    return total / len(a)
+
+
+def naive_cwcl(loss, a, b, group):
+    scale = loss.scale
+    total = 0.0
+    for q, c, weighted in ((a, b, loss.teacher in ("a", "both")), (b, a, loss.teacher in ("b", "both"))):
+        teacher = q.detach()
+        for i in range(len(q)):
+            positive = _positives(group, i).bool()
+            similarity = (1 + teacher @ teacher[i]) / 2
+            w = torch.where(positive, torch.ones_like(similarity), similarity) if weighted else positive.to(q.dtype)
+            total = total - (w / w.sum() * F.log_softmax(scale * (c @ q[i]), dim=0)).sum()
+    return total / (2 * len(a))
+
+
+def naive_sinkhorn(loss, a, b, group):
+    """Log-domain Sinkhorn with autograd through every iteration (the same iterations and stopping rule)."""
+    from unimodality.plugins.losses.sinkhorn import CHECK_EVERY
+
+    n = len(a)
+    logits = loss.scale * a @ b.T
+    u, v = logits.new_zeros(n), logits.new_zeros(n)
+    for iteration in range(loss.max_iter):
+        u_next = -math.log(n) - torch.logsumexp(logits + v[None, :], dim=1)
+        change = (u_next - u).abs().max().item() if (iteration + 1) % CHECK_EVERY == 0 else None
+        u = u_next
+        v = -math.log(n) - torch.logsumexp(logits + u[:, None], dim=0)
+        if change is not None and change < loss.tol:
+            break
+    log_plan = u[:, None] + v[None, :] + logits
+    total = 0.0
+    for i in range(n):
+        target = _positives(group, i)
+        total = total - (target / target.sum() * (log_plan[i] + math.log(n))).sum()
+    return total / n
+
+
 NAIVE = {"ClipLoss": naive_clip, "SigLipLoss": naive_siglip, "HopfieldLoss": naive_hopfield,
-         "NTXentLoss": naive_ntxent}
+         "NTXentLoss": naive_ntxent, "VICRegLoss": naive_vicreg, "DCCALoss": naive_dcca, "S2LLoss": naive_s2l,
+         "CWCLLoss": naive_cwcl, "SinkhornLoss": naive_sinkhorn}
 
 
 # -- one measurement (in a child process) -----------------------------------------------------------
@@ -101,8 +203,11 @@ def measure(name: str, impl: str, batch: int, dim: int, repeats: int, device: st
     torch.manual_seed(0)
     loss = registry.registered("losses")[name][0].cls().to(device)
     group = torch.randint(0, batch // 4, (batch,), device=device)  # about four replicates per perturbation
-    a0 = F.normalize(torch.randn(batch, dim, device=device), dim=1)
-    b0 = F.normalize(torch.randn(batch, dim, device=device), dim=1)
+    a0, b0 = torch.randn(batch, dim, device=device), torch.randn(batch, dim, device=device)
+    if loss.normalized_inputs:  # VICReg and DCCA take the heads' raw outputs
+        a0, b0 = F.normalize(a0, dim=1), F.normalize(b0, dim=1)
+    else:
+        b0 = 0.5 * a0 + b0  # correlated, as paired outputs are
     compute = (lambda a, b: loss(a, b, group)) if impl == "unimodality" else (
         lambda a, b: NAIVE[name](loss, a, b, group))
 
@@ -151,6 +256,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--max-naive-sinkhorn", type=int, default=1024,
+                        help="largest batch for the unrolled Sinkhorn reference (memory: iterations x n^2)")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -159,38 +266,54 @@ def main() -> None:
         return
 
     rows = []
-    header = f"{'loss':13s} {'batch':>5s} {'dim':>4s} {'ms':>9s} {'naive ms':>9s} {'speedup':>8s} " \
+    header = f"{'loss':13s} {'batch':>5s} {'dim':>4s} {'ms':>9s} {'vs clip':>8s} {'naive ms':>9s} {'speedup':>8s} " \
              f"{'MiB':>8s} {'naive MiB':>9s} {'mem ratio':>9s}  agree"
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}\n{header}")
-    for name in args.losses:
+    clip_seconds: dict[tuple[int, int], float] = {}
+    names = sorted(args.losses, key=lambda n: n != "ClipLoss")  # the baseline first
+    for name in names:
         for batch in args.batch:
             for dim in args.dim:
                 ours = run_child(name, "unimodality", batch, dim, args.repeats, args.device)
-                # the naive loop is slow at large batches: fewer repeats keep the run short
-                naive = run_child(name, "naive", batch, dim, max(1, args.repeats // 2), args.device)
-                agree = abs(ours["value"] - naive["value"]) <= 1e-4 * max(1.0, abs(naive["value"]))
+                if name == "ClipLoss":
+                    clip_seconds[batch, dim] = ours["seconds"]
+                if name == "SinkhornLoss" and batch > args.max_naive_sinkhorn:
+                    naive = None
+                else:  # the naive loop is slow at large batches: fewer repeats keep the run short
+                    naive = run_child(name, "naive", batch, dim, max(1, args.repeats // 2), args.device)
+                agree = None if naive is None else (
+                    abs(ours["value"] - naive["value"]) <= 1e-4 * max(1.0, abs(naive["value"])))
+                vs_clip = ours["seconds"] / clip_seconds[batch, dim] if (batch, dim) in clip_seconds else None
                 row = {
                     **{k: ours[k] for k in ("loss", "batch", "dim")},
-                    "seconds": ours["seconds"], "naive_seconds": naive["seconds"],
-                    "speedup": naive["seconds"] / ours["seconds"],
-                    "peak_mib": ours["peak_bytes"] / 2**20, "naive_peak_mib": naive["peak_bytes"] / 2**20,
-                    "memory_ratio": (ours["peak_bytes"] / naive["peak_bytes"]) if naive["peak_bytes"] else None,
-                    "value": ours["value"], "naive_value": naive["value"], "agree": agree,
+                    "seconds": ours["seconds"], "vs_clip": vs_clip,
+                    "naive_seconds": naive["seconds"] if naive else None,
+                    "speedup": naive["seconds"] / ours["seconds"] if naive else None,
+                    "peak_mib": ours["peak_bytes"] / 2**20,
+                    "naive_peak_mib": naive["peak_bytes"] / 2**20 if naive else None,
+                    "memory_ratio": (ours["peak_bytes"] / naive["peak_bytes"])
+                    if naive and naive["peak_bytes"] else None,
+                    "value": ours["value"], "naive_value": naive["value"] if naive else None, "agree": agree,
                 }
                 rows.append(row)
-                ratio = f"{row['memory_ratio']:.2f}" if row["memory_ratio"] is not None else "n/a"
-                print(f"{name:13s} {batch:5d} {dim:4d} {1e3 * row['seconds']:9.2f} "
-                      f"{1e3 * row['naive_seconds']:9.1f} {row['speedup']:7.1f}x {row['peak_mib']:8.1f} "
-                      f"{row['naive_peak_mib']:9.1f} {ratio:>9s}  {'yes' if agree else 'NO'}", flush=True)
+
+                def show(value, form, none="n/a"):
+                    return none if value is None else format(value, form)
+
+                print(f"{name:13s} {batch:5d} {dim:4d} {1e3 * row['seconds']:9.2f} {show(vs_clip, '7.2f'):>7s}x "
+                      f"{show(naive and 1e3 * row['naive_seconds'], '9.1f'):>9s} {show(row['speedup'], '7.1f'):>7s}x "
+                      f"{row['peak_mib']:8.1f} {show(row['naive_peak_mib'], '9.1f'):>9s} "
+                      f"{show(row['memory_ratio'], '.2f'):>9s}  "
+                      f"{'skipped' if agree is None else 'yes' if agree else 'NO'}", flush=True)
     print("\nspeedup = naive time / unimodality time (forward+backward); mem ratio = unimodality / naive "
-          "peak memory rise")
+          "peak memory rise; vs clip = time / ClipLoss time at the same batch and dim")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
         "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.platform(), "processor": platform.processor(), "rows": rows,
     }, indent=2))
     print(f"wrote {args.output}")
-    if not all(r["agree"] for r in rows):
+    if not all(r["agree"] is not False for r in rows):
         sys.exit("some losses disagree with their naive reference")
 
 

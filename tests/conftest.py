@@ -35,3 +35,28 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def example_tables(example_data_dir):
+    """The example transcriptomics (AnnData) and phenomics (DataFrame), read once; copy before changing."""
+    import anndata as ad
+    import pandas as pd
+
+    return ad.read_h5ad(example_data_dir / "transcriptomics.h5ad"), pd.read_parquet(
+        example_data_dir / "phenomics.parquet")
+
+
+@pytest.fixture(scope="session")
+def clip_run_dir(tmp_path_factory, example_data_dir) -> Path:
+    """The run directory of one 1-epoch CLI fit of configs/clip.yaml, trained once per session for the tests
+    that only need a trained CLIP checkpoint. Tests use a copy (``tests.helpers.copy_of_clip_run``)."""
+    from unimodality.cli import main
+
+    root = tmp_path_factory.mktemp("clip-run")
+    main(["fit", "--config", str(ROOT / "configs" / "clip.yaml"), "--trainer.max_epochs", "1",
+          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+          "--trainer.logger.init_args.save_dir", str(root / "runs")])
+    run_dir = root / "runs" / "clip" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    return run_dir

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 from lightning.pytorch import Trainer
 
@@ -47,3 +53,31 @@ class PoisonedLoss(ClipLoss):
             if self.calls >= self.after:
                 return loss * float("nan")
         return loss
+
+
+def copy_of_clip_run(clip_run_dir: Path, folder: Path) -> Path:
+    """last.ckpt of a private copy of the session's 1-epoch CLIP run (the ``clip_run_dir`` fixture) under
+    ``folder/runs/clip/version_0``: a test may write next to it without touching what other tests read."""
+    copy = folder / "runs" / "clip" / "version_0"
+    shutil.copytree(clip_run_dir, copy)
+    return copy / "checkpoints" / "last.ckpt"
+
+
+def fork(target: Callable[..., object], *args: object) -> int:
+    """Run ``target(*args)`` in a child process forked from this one; returns the child's pid.
+
+    For the tests that need *another process* to die in the middle of something (a write, a held lock): a
+    forked child has everything imported already, where a new interpreter would spend ~10 s importing torch
+    and Lightning first. The child leaves with ``os._exit`` (status 0, or 1 if ``target`` raised): it never
+    returns into pytest. Reap it with ``os.waitpid``.
+    """
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            torch.set_num_threads(1)  # as DataLoader workers do: no intra-op thread pool across a fork
+            target(*args)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    return pid

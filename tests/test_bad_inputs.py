@@ -12,6 +12,9 @@ import io
 import json
 import os
 import re
+import shutil
+import signal
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import scipy.sparse as sp
 import torch
 import yaml
 
+from tests.helpers import copy_of_clip_run, fork
 from unimodality.cli import main
 from unimodality.errors import DataError
 from unimodality.example_data import resolve_path
@@ -61,14 +65,14 @@ def assert_user_error(args: list[str], *patterns: str, folder: Path | None = Non
 
 
 @pytest.fixture
-def data(tmp_path, example_data_dir) -> dict[str, Path]:
-    """Small copies of the example files the cases below break in one way each."""
+def data(tmp_path, example_tables) -> dict[str, Path]:
+    """Small copies of the example files the cases below break in one way each (the files copied, their
+    contents copies of the session's ``example_tables``)."""
     folder = tmp_path / "data"
     folder.mkdir()
-    tx = ad.read_h5ad(resolve_path("example://transcriptomics.h5ad"))
-    ph = pd.read_parquet(resolve_path("example://phenomics.parquet"))
-    tx.write_h5ad(folder / "tx.h5ad")
-    ph.to_parquet(folder / "ph.parquet")
+    shutil.copyfile(resolve_path("example://transcriptomics.h5ad"), folder / "tx.h5ad")
+    shutil.copyfile(resolve_path("example://phenomics.parquet"), folder / "ph.parquet")
+    tx, ph = example_tables[0].copy(), example_tables[1].copy()
     return {"dir": folder, "tx": folder / "tx.h5ad", "ph": folder / "ph.parquet", "tx_adata": tx, "ph_table": ph}
 
 
@@ -212,13 +216,9 @@ def test_batch_larger_than_the_dataset(data):
 # -- checkpoints and prediction ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bad-inputs-run")
-    code, printed = run(["fit", "--config", str(CONFIGS / "clip.yaml"), "--trainer.max_epochs", "1",
-                         "--trainer.enable_progress_bar", "false",
-                         "--trainer.logger.init_args.save_dir", str(root / "runs")])
-    assert code == 0, printed
-    return next((root / "runs").rglob("last.ckpt"))
+def checkpoint(clip_run_dir, tmp_path_factory) -> Path:
+    """last.ckpt of a 1-epoch CLI fit of configs/clip.yaml (the session's, copied for this module)."""
+    return copy_of_clip_run(clip_run_dir, tmp_path_factory.mktemp("bad-inputs-run"))
 
 
 def predict(checkpoint: Path, path: Path, *extra: str) -> list[str]:
@@ -540,26 +540,30 @@ def test_a_validation_split_of_one_perturbation_warns(data, tmp_path, caplog):
 
 # -- one run per run directory ------------------------------------------------------------------------------
 
-HOLD_LOCK = "import sys, time; from unimodality.run_lock import lock_run_directory; lock_run_directory(sys.argv[1]); " \
-            "print('locked', flush=True); time.sleep(120)"
+def hold_lock(run_dir: Path, ready: int) -> None:
+    from unimodality.run_lock import lock_run_directory
+
+    lock_run_directory(run_dir)
+    os.write(ready, b"locked\n")
+    time.sleep(120)
 
 
 def test_a_run_directory_in_use_is_refused_at_once_and_freed_when_its_run_dies(data, tmp_path):
-    import subprocess
-    import sys
-
     run_dir = tmp_path / "runs" / "clip" / "shared"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    ready, told = os.pipe()
+    holder = fork(hold_lock, run_dir, told)  # another process holds the run directory
+    os.close(told)
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        with os.fdopen(ready) as pipe:
+            assert pipe.readline().strip() == "locked"
         args = trained(fit(data, "--trainer.max_epochs", "1", "--trainer.logger.init_args.save_dir",
                            str(tmp_path / "runs"), "--trainer.logger.init_args.version", "shared"))
-        assert_user_error(args, r"run directory .*shared is in use by fit pid \d+",
+        assert_user_error(args, rf"run directory .*shared is in use by fit pid {holder}\b",
                           r"--trainer\.logger\.init_args\.version")
         assert not (run_dir / "checkpoints").exists()
     finally:
-        holder.kill()  # SIGKILL: no clean-up of its own, the operating system releases the lock
-        holder.wait()
+        os.kill(holder, signal.SIGKILL)  # no clean-up of its own, the operating system releases the lock
+        os.waitpid(holder, 0)
     code, printed = run(args)
     assert code == 0, printed
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -40,8 +40,9 @@ def build(name: str, use_groups: bool, seed: int = 0):
 
 def loss_and_grads(name, use_groups, rows=slice(None)):
     loss_fn, towers, data = build(name, use_groups)
-    a = F.normalize(towers["a"](data["a"][rows]), dim=1)
-    b = F.normalize(towers["b"](data["b"][rows]), dim=1)
+    a, b = towers["a"](data["a"][rows]), towers["b"](data["b"][rows])
+    if loss_fn.normalized_inputs:  # as the setups do; VICReg and DCCA take the raw outputs
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
     loss = loss_fn(gather_with_grad(a), gather_with_grad(b), gather(data["group"][rows]))
     loss.backward()
     params = [*towers.parameters(), *loss_fn.parameters()]
@@ -58,22 +59,33 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     start = sum(ROWS[:rank])
     results = {case: loss_and_grads(*case, rows=slice(start, start + ROWS[rank])) for case in CASES}
     torch.save(results, Path(out) / f"rank{rank}.pt")
+    # the same two processes also compute the contrast case (each spawn pays ~10 s of imports per process)
+    _no_grad_gather(rank, world, out)
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def distributed_results(tmp_path_factory):
+def distributed_folder(tmp_path_factory) -> Path:
+    """What two gloo processes wrote: rank<r>.pt (every case) and naive<r>.pt (the no-gradient gather)."""
     out = tmp_path_factory.mktemp("ddp")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_worker, args=(2, port, str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def distributed_results(distributed_folder):
+    return [torch.load(distributed_folder / f"rank{r}.pt") for r in range(2)]
 
 
 def test_every_builtin_loss_is_covered():
-    assert "ClipLoss" in LOSSES
+    assert {"ClipLoss", "SigLipLoss", "HopfieldLoss", "NTXentLoss", "VICRegLoss", "DCCALoss", "S2LLoss",
+            "CWCLLoss", "SinkhornLoss"} <= set(LOSSES)
+    assert {name for name in LOSSES if not registry.registered("losses")[name][0].cls.normalized_inputs} >= {
+        "VICRegLoss", "DCCALoss"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'groups' if c[1] else 'nogroups'}")
@@ -88,9 +100,8 @@ def test_two_processes_match_one(distributed_results, case):
         assert any(g.abs().sum() > 0 for g in grads)
 
 
-def _no_grad_gather_worker(rank: int, world: int, port: int, out: str) -> None:
+def _no_grad_gather(rank: int, world: int, out: str) -> None:
     """The classic bug, for contrast: gathering without gradients loses the other processes' terms."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     loss_fn, towers, data = build("ClipLoss", False)
     start = sum(ROWS[:rank])
     rows = slice(start, start + ROWS[rank])
@@ -103,14 +114,9 @@ def _no_grad_gather_worker(rank: int, world: int, port: int, out: str) -> None:
     grad = towers["a"].weight.grad.clone()
     dist.all_reduce(grad)
     torch.save(grad / world, Path(out) / f"naive{rank}.pt")
-    dist.destroy_process_group()
 
 
-def test_gathering_without_gradients_would_be_caught(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_no_grad_gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+def test_gathering_without_gradients_would_be_caught(distributed_folder):
     _, expected = loss_and_grads("ClipLoss", False)
-    naive = torch.load(tmp_path / "naive0.pt")
+    naive = torch.load(distributed_folder / "naive0.pt")
     assert not torch.allclose(naive, expected[0], atol=1e-5)

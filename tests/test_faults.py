@@ -8,9 +8,6 @@ import io
 import os
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
 import time
 from contextlib import redirect_stdout
 from functools import partial
@@ -22,7 +19,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.helpers import PoisonedLoss, example_datamodule, quiet_trainer
+from tests.helpers import PoisonedLoss, example_datamodule, fork, quiet_trainer
 from tests.test_bad_inputs import assert_user_error, checkpoint, data, fit, predict
 from unimodality.checkpoint import AtomicCheckpointIO, read_checkpoint
 from unimodality.cli import main
@@ -64,28 +61,24 @@ def test_the_cli_reports_a_non_finite_loss_without_a_traceback(example_data_dir,
     assert "the loss is" in err and "learning rate" in err and "Traceback" not in err
 
 
-KILL_DURING_SAVE = textwrap.dedent("""
-    import sys, torch
-    from unimodality.checkpoint import AtomicCheckpointIO
-    io = AtomicCheckpointIO()
-    path = sys.argv[1]
+def save_a_large_checkpoint(path: Path) -> None:
     # a large checkpoint: writing it takes long enough to be killed in the middle
-    io.save_checkpoint({"state_dict": {"w": torch.ones(100_000_000)}, "epoch": 2}, path)
-""")
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(100_000_000)}, "epoch": 2}, path)
 
 
 def test_a_checkpoint_write_killed_midway_leaves_the_previous_one(tmp_path):
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 1}, path)
-    process = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, str(path)])
-    leftover = tmp_path / f".last.ckpt.{socket.gethostname()}-{process.pid}.unimodality-tmp"
+    pid = fork(save_a_large_checkpoint, path)  # another process, the writer
+    leftover = tmp_path / f".last.ckpt.{socket.gethostname()}-{pid}.unimodality-tmp"
     deadline = time.time() + 120
     while not leftover.exists() and time.time() < deadline:
         time.sleep(0.01)
     assert leftover.exists(), "the writer never started"
     time.sleep(0.05)  # well into the 400 MB write
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status), "the writer finished before it was killed"
     saved = read_checkpoint(path)
     assert saved["epoch"] == 1 and torch.equal(saved["state_dict"]["w"], torch.zeros(3))
     # the killed run's temporary file is recognisable, and the next save of that checkpoint removes it
@@ -146,16 +139,14 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(example_data
                                   check_exact=True)
 
 
-KILL_DURING_OUTPUT = textwrap.dedent("""
-    import sys
-    import numpy as np, pandas as pd
-    from pathlib import Path
+def write_a_large_table(output: Path) -> None:
     from unimodality.outputs import write_embeddings
+
+    os.chdir(output.parent)  # the writer works in the output's folder (its input.parquet is relative)
     rows = np.arange(400_000)
     metadata = pd.DataFrame({"well": [f"w{i}" for i in rows]})
     # a large table: writing it takes long enough to be killed in the middle
-    write_embeddings(Path("input.parquet"), metadata, rows, np.ones((len(rows), 256), np.float32), sys.argv[1])
-""")
+    write_embeddings(Path("input.parquet"), metadata, rows, np.ones((len(rows), 256), np.float32), output)
 
 
 def test_an_output_write_killed_midway_leaves_the_previous_file(tmp_path):
@@ -165,14 +156,15 @@ def test_an_output_write_killed_midway_leaves_the_previous_file(tmp_path):
     write_embeddings(Path("input.parquet"), pd.DataFrame({"well": ["a", "b"]}), np.arange(2),
                      np.zeros((2, 4), np.float32), output)
     before = output.read_bytes()
-    process = subprocess.Popen([sys.executable, "-c", KILL_DURING_OUTPUT, str(output)], cwd=tmp_path)
-    leftover = tmp_path / f".wells_embedded.parquet.{socket.gethostname()}-{process.pid}.unimodality-tmp.parquet"
+    pid = fork(write_a_large_table, output)  # another process, the writer
+    leftover = tmp_path / f".wells_embedded.parquet.{socket.gethostname()}-{pid}.unimodality-tmp.parquet"
     deadline = time.time() + 120
     while not leftover.exists() and time.time() < deadline:
         time.sleep(0.01)
     assert leftover.exists(), "the writer never started"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status), "the writer finished before it was killed"
     assert output.read_bytes() == before
     assert pd.read_parquet(output)["well"].tolist() == ["a", "b"]
     # the next write of that output removes the killed run's temporary file

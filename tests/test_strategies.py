@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from tests.helpers import copy_of_clip_run
 from unimodality import cli
 from unimodality.checkpoint import CheckpointError
 from unimodality.cli import main
@@ -42,15 +43,17 @@ def test_deepspeed_configs_set_their_zero_stage(config):
 
 @pytest.mark.skipif(DEEPSPEED_RUNS, reason="CUDA and deepspeed are both here: DeepSpeed can run")
 @pytest.mark.parametrize("config", DEEPSPEED_CONFIGS, ids=lambda p: p.stem)
-def test_deepspeed_without_cuda_or_deepspeed_fails_with_one_clear_paragraph(config, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "unimodality", "fit", "--config", str(CONFIGS / "clip.yaml"), "--config", str(config)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stderr  # one paragraph (one line), not a stack of exceptions
+def test_deepspeed_without_cuda_or_deepspeed_fails_with_one_clear_paragraph(config, tmp_path, monkeypatch, capfd):
+    # the command line in-process (a subprocess would pay another ~10 s of imports): the exit status is
+    # SystemExit's code, and an exception escaping as a traceback would fail pytest.raises
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "clip.yaml"), "--config", str(config)])
+    assert exit_info.value.code == 2
+    stderr = capfd.readouterr().err  # file descriptor 2: whatever wrote to it, Python or not
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, stderr  # one paragraph (one line), not a stack of exceptions
     message = errors[0]
     assert message.startswith("unimodality fit: error: the DeepSpeed strategy")
     if not torch.cuda.is_available():
@@ -74,12 +77,9 @@ def test_gpu_accelerator_without_gpu_is_a_clear_error(capsys):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """last.ckpt of a one-epoch CLIP run."""
-    root = tmp_path_factory.mktemp("strategies-run")
-    main(["fit", "--config", str(CONFIGS / "clip.yaml"), "--trainer.max_epochs", "1", *QUIET,
-          "--trainer.logger.init_args.save_dir", str(root / "runs")])
-    return root / "runs" / "clip" / "version_0" / "checkpoints" / "last.ckpt"
+def trained(clip_run_dir, tmp_path_factory) -> Path:
+    """last.ckpt of a one-epoch CLIP run (the session's, copied for this module)."""
+    return copy_of_clip_run(clip_run_dir, tmp_path_factory.mktemp("strategies-run"))
 
 
 def fake_deepspeed_checkpoint(path: Path) -> Path:

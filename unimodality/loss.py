@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -16,7 +18,15 @@ class ContrastiveLoss(RecordsInitArgs, nn.Module):
     integer perturbation id of each row. Rows sharing a group are positives of each other when
     ``use_groups`` is on; off, only the diagonal is positive (the textbook loss). Losses are computed in
     fp32 even under mixed precision.
+
+    A loss whose method needs the projection heads' raw outputs (statistics of the features themselves,
+    e.g. VICReg's variance and covariance terms or CCA's correlations) sets the class attribute
+    ``normalized_inputs = False``; the setups then hand it the un-normalised outputs instead (their
+    retrieval metrics and ``predict`` still use the L2-normalised embeddings).
     """
+
+    #: whether ``forward`` receives L2-normalised embeddings (the default) or the heads' raw outputs
+    normalized_inputs: ClassVar[bool] = True
 
     def __init__(self, use_groups: bool = True) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ TowerMode = Literal["trainable", "frozen", "disabled"]
 
 
 class Tower(nn.Module):
-    """``encoder -> projection head -> L2 normalisation``.
+    """``encoder -> projection head -> L2 normalisation`` (the last step skipped with ``normalize=False``).
 
     Modes:
       - ``trainable``: everything learns.
@@ -74,5 +74,8 @@ class Tower(nn.Module):
                 return self.encoder(x)
         return self.encoder(x)
 
-    def forward(self, x: Any) -> torch.Tensor:
-        return F.normalize(self.head(self.represent(x)), dim=-1)
+    def forward(self, x: Any, normalize: bool = True) -> torch.Tensor:
+        """The L2-normalised embedding of ``x``, or the head's raw output with ``normalize=False`` (for a
+        loss that sets ``normalized_inputs = False``)."""
+        projected = self.head(self.represent(x))
+        return F.normalize(projected, dim=-1) if normalize else projected

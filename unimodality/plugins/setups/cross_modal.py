@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jsonargparse import lazy_instance
 from torch import nn
 
@@ -117,9 +118,21 @@ class CrossModalSetup(Setup):
         self.remember_schema(schema)
 
     # -- steps -------------------------------------------------------------------------------------------
-    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """L2-normalised embeddings of every modality present in the batch."""
-        return {name: tower(batch[name]) for name, tower in self.towers.items() if name in batch}
+    def embed(self, batch: dict[str, torch.Tensor], normalize: bool = True) -> dict[str, torch.Tensor]:
+        """L2-normalised embeddings of every modality present in the batch (the heads' raw outputs with
+        ``normalize=False``)."""
+        return {name: tower(batch[name], normalize) for name, tower in self.towers.items() if name in batch}
+
+    def loss_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the loss takes: L2-normalised embeddings, or the heads' raw outputs for a loss that sets
+        ``normalized_inputs = False`` (e.g. VICReg, DCCA)."""
+        return self.embed(batch, normalize=self.loss.normalized_inputs)
+
+    def normalized(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``outputs`` of :meth:`loss_inputs` as L2-normalised embeddings (for metrics and diagnostics)."""
+        if self.loss.normalized_inputs:
+            return outputs
+        return {name: F.normalize(e, dim=-1) for name, e in outputs.items()}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.embed(batch)
@@ -131,7 +144,7 @@ class CrossModalSetup(Setup):
         return (losses * self._pair_weights).sum() / self._pair_weights.sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        local = self.embed(batch)
+        local = self.loss_inputs(batch)
         # the loss sees the global batch: every process's embeddings, with gradients
         embeddings = {name: gather_with_grad(e) for name, e in local.items()}
         loss = self._loss(embeddings, gather(batch[GROUP]))
@@ -145,6 +158,7 @@ class CrossModalSetup(Setup):
 
     @torch.no_grad()
     def _log_diagnostics(self, embeddings: dict[str, torch.Tensor], batch_size: int) -> None:
+        embeddings = self.normalized(embeddings)  # the diagnostics are defined on the sphere
         for name, e in embeddings.items():
             self.log(f"train/uniformity/{name}", diagnostics.uniformity(e.float()), batch_size=batch_size)
         for a, b in self.pairs:
@@ -153,9 +167,10 @@ class CrossModalSetup(Setup):
             self.log(f"train/modality_gap/{a}-{b}", diagnostics.modality_gap(ea, eb), batch_size=batch_size)
 
     def _evaluation_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        embeddings = self.embed(batch)
+        outputs = self.loss_inputs(batch)
         group = batch[GROUP]
-        loss = self._loss(embeddings, group)
+        loss = self._loss(outputs, group)
+        embeddings = self.normalized(outputs)
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(group))
         index = batch.get(INDEX)  # lets the collectors drop the distributed sampler's padding repeats
         for name, embedding in embeddings.items():

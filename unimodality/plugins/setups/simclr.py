@@ -31,7 +31,8 @@ EVALUATION_SEED = 2020
 class SimCLRSetup(Setup):
     """SimCLR on one modality: two augmented views of each sample, encoder, projection head, NT-Xent.
 
-    ``view -> encoder -> representation -> projection head (Linear, ReLU, Linear) -> L2 normalisation``;
+    ``view -> encoder -> representation -> projection head (Linear, ReLU, Linear) -> L2 normalisation``
+    (no normalisation for a loss that sets ``normalized_inputs = False``, such as ``VICRegLoss``);
     the loss pulls the two views of a sample together (and, with a loss using groups, every sample of the
     same perturbation) and pushes the rest of the global batch away. As in SimCLR, the projection is for
     the loss only: ``predict`` (and the validation retrieval metric) use the encoder's representation.
@@ -118,14 +119,16 @@ class SimCLRSetup(Setup):
         """The representation (encoder output) of ``x``: what ``predict`` returns."""
         return self.encoder(x)
 
-    def project(self, representation: torch.Tensor) -> torch.Tensor:
-        """L2-normalised projections of representations: what the loss sees."""
-        return F.normalize(self.projection(representation), dim=-1)
+    def project(self, representation: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """L2-normalised projections of representations (the head's raw output with ``normalize=False``)."""
+        projected = self.projection(representation)
+        return F.normalize(projected, dim=-1) if normalize else projected
 
     def _views(self, x: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Projections of two augmented views of ``x`` (one encoder pass over both)."""
+        """What the loss sees of two augmented views of ``x`` (one encoder pass over both): L2-normalised
+        projections, or raw ones for a loss that sets ``normalized_inputs = False`` (e.g. VICReg)."""
         views = torch.cat([augment(x), augment(x)])
-        return self.project(self.encoder(views)).split(x.shape[0])
+        return self.project(self.encoder(views), normalize=self.loss.normalized_inputs).split(x.shape[0])
 
     # -- steps -------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -139,6 +142,8 @@ class SimCLRSetup(Setup):
             for key, value in self.loss.extra_metrics().items():
                 self.log(f"train/{key}", value, batch_size=batch_size)
             with torch.no_grad():
+                if not self.loss.normalized_inputs:  # the diagnostics are defined on the sphere
+                    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
                 self.log("train/alignment", diagnostics.alignment(a.float(), b.float()), batch_size=batch_size)
                 self.log("train/uniformity", diagnostics.uniformity(a.float()), batch_size=batch_size)
         return loss
