@@ -1037,8 +1037,7 @@ def plot_report(table: pd.DataFrame, details: Mapping[tuple[str, str], pd.DataFr
             ax.legend(fontsize=7, frameon=False)
             fig.tight_layout()
             path = folder / f"{_safe(evaluator)}__{_safe(dataset)}.png"
-            written.append(atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, dpi=110, format="png"), suffix=".png"))
-            plt.close(fig)
+            written.append(_save_png(fig, path))
         except Exception as error:  # a plot is a convenience: it never fails the report
             log.warning("plot of %s on %s failed: %s", evaluator, dataset, error)
     distributions = {e.report_name: e.distribution for e in evaluators if e.distribution}
@@ -1059,8 +1058,7 @@ def plot_report(table: pd.DataFrame, details: Mapping[tuple[str, str], pd.DataFr
             ax.legend(fontsize=7, frameon=False)
             fig.tight_layout()
             path = folder / f"{_safe(evaluator)}__{_safe(dataset)}_distribution.png"
-            written.append(atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, dpi=110, format="png"), suffix=".png"))
-            plt.close(fig)
+            written.append(_save_png(fig, path))
         except Exception as error:
             log.warning("distribution plot of %s on %s failed: %s", evaluator, dataset, error)
     return written
@@ -1080,3 +1078,13 @@ def format_table(table: pd.DataFrame, digits: int = 3) -> str:
     if shown["dataset"].nunique() == 1:
         shown = shown.drop(columns="dataset")
     return shown.to_string(index=False)
+
+
+def _save_png(fig: Any, path: Path) -> Path:
+    """A figure written atomically as PNG, then closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), suffix=".png")
+    finally:
+        plt.close(fig)

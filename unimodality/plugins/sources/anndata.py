@@ -113,6 +113,7 @@ class AnnDataSource(ModalitySource):
         self.obsm_alternatives = alternatives
         self.alternative_weights = alternative_weights
         self._parts: list[AnnDataSource] | None = None
+        self._row_offsets: np.ndarray | None = None
 
     # -- one file or several -------------------------------------------------------------------------
     @property
@@ -155,7 +156,10 @@ class AnnDataSource(ModalitySource):
         return self._parts
 
     def _offsets(self) -> np.ndarray:
-        return np.cumsum([0] + [part.num_rows() for part in self.parts])
+        """Where each file's rows start (and the total); read once, as ``parts`` are found once."""
+        if self._row_offsets is None:
+            self._row_offsets = np.cumsum([0] + [part.num_rows() for part in self.parts])
+        return self._row_offsets
 
     @property
     def element_key(self) -> str:
