@@ -15,9 +15,11 @@ the same aggregated embedding for sizes up to ``--efaar-max``; the two must give
 
     python benchmarks/evaluation.py                      # 1k, 5k, 20k genes
     python benchmarks/evaluation.py --sizes 1000 5000 --efaar-max 1000
+    python benchmarks/evaluation.py --callback           # the evaluation callback's cost per training epoch
 
 Writes ``benchmarks/results/evaluation.json``. Needs copairs and efaar-benchmarking (``pip install
-"unimodality[eval]"``; ``--no-deps`` suffices for efaar-benchmarking plus geomloss for its reference).
+"unimodality[eval]"``; ``--no-deps`` suffices for efaar-benchmarking: geomloss, which its module imports for
+another metric, is replaced by a stand-in when missing).
 """
 
 from __future__ import annotations
@@ -111,8 +113,9 @@ def measure(n: int, replicates: int, dim: int, raw_dim: int, null_size: int, efa
         "fraction_retrieved": {"embedding": activity.value, "pca": activity.pca, "random": activity.random},
     }
     if efaar:
-        from efaar_benchmarking.benchmarking import known_relationship_benchmark
         from sklearn.utils import Bunch
+
+        known_relationship_benchmark = efaar_benchmark()
 
         genes = aligned.aggregated()
         tic, cpu = time.perf_counter(), time.process_time()
@@ -124,6 +127,75 @@ def measure(n: int, replicates: int, dim: int, raw_dim: int, null_size: int, efa
         out["max_difference_to_efaar"] = float(max(abs(ours_by_source[r.source] - r["recall_0.05_0.95"])
                                                    for _, r in theirs.iterrows()))
     return out
+
+
+def efaar_benchmark():
+    """efaar-benchmarking's ``known_relationship_benchmark``; its module imports geomloss for a metric this
+    benchmark never calls, so without geomloss a stand-in that fails if called takes its place."""
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("geomloss") is None and "geomloss" not in sys.modules:
+        geomloss = types.ModuleType("geomloss")
+
+        def samples_loss(*args, **kwargs):
+            raise RuntimeError("geomloss is not installed")
+
+        geomloss.SamplesLoss = samples_loss
+        sys.modules["geomloss"] = geomloss
+    from efaar_benchmarking.benchmarking import known_relationship_benchmark
+
+    return known_relationship_benchmark
+
+
+def callback_overhead(epochs: int, repeats: int) -> dict:
+    """Seconds per training epoch of a small CLIP fit on the example data without the evaluation callback,
+    with it evaluating every epoch (cross-modal retrieval of the test split of both files), and with it
+    between evaluations (``every_n_epochs`` larger than the run); the variants interleaved, medians."""
+    import statistics
+    from functools import partial
+
+    import torch
+    from lightning.pytorch import Trainer
+
+    from unimodality.evaluation import EvaluationCallback
+    from unimodality.plugins.datamodules.paired import PairedDataModule
+    from unimodality.plugins.encoders.mlp import MLPEncoder
+    from unimodality.plugins.setups.cross_modal import CrossModalSetup
+    from unimodality.plugins.sources.anndata import AnnDataSource
+    from unimodality.plugins.sources.table import TableSource
+
+    torch.set_num_threads(1)
+    files = ["example://transcriptomics.h5ad", "example://phenomics.parquet"]
+
+    def fit(every: int | None) -> float:
+        torch.manual_seed(0)
+        callbacks = [] if every is None else [EvaluationCallback(
+            files, evaluators=["CrossModalRetrieval"], perturbation=["smiles", "concentration"], every_n_epochs=every,
+            source_options={"include": {"split": ["test"]}})]
+        datamodule = PairedDataModule(
+            modalities={"tx": AnnDataSource(files[0], transform="normalize_log1p"),
+                        "ph": TableSource(files[1], feature_prefix="feat_")},
+            keys=["smiles", "concentration"], split_column="split", batch_size=64)
+        model = CrossModalSetup(encoders={m: partial(MLPEncoder, hidden_sizes=[256]) for m in ("tx", "ph")},
+                                embed_dim=64)
+        trainer = Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                          num_sanity_val_steps=0)
+        tic = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule)
+        return (time.perf_counter() - tic) / epochs
+
+    variants = {"plain": None, "skipped": 10**6, "every_epoch": 1}
+    fit(None)  # imports and the example files' first read are not measured
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, every in variants.items():
+            seconds[name].append(fit(every))
+    plain = statistics.median(seconds["plain"])
+    return {name: {"seconds_per_epoch_median": round(statistics.median(v), 3),
+                   "spread": [round(min(v), 3), round(max(v), 3)],
+                   "ratio_vs_plain": round(statistics.median(v) / plain, 3)} for name, v in seconds.items()}
 
 
 def run_child(args, n: int) -> dict:
@@ -146,11 +218,33 @@ def main() -> None:
     parser.add_argument("--null-size", type=int, default=1000)
     parser.add_argument("--efaar-max", type=int, default=5000, help="largest size efaar's implementation runs at")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--callback", action="store_true",
+                        help="measure the evaluation callback's cost per training epoch instead (every epoch, and "
+                        "between evaluations) against a fit without it")
+    parser.add_argument("--epochs", type=int, default=4, help="with --callback: epochs per fit")
+    parser.add_argument("--repeats", type=int, default=3, help="with --callback: fits per variant")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--efaar", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.replicates, args.dim, args.raw_dim, args.null_size, args.efaar)))
+        return
+    if args.callback:
+        import logging
+        import os
+
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        found = callback_overhead(args.epochs, args.repeats)
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print(f"{'variant':>12} {'s/epoch':>8} {'spread':>15} {'vs plain':>9}")
+        for name, r in found.items():
+            print(f"{name:>12} {r['seconds_per_epoch_median']:8.3f} {str(r['spread']):>15} {r['ratio_vs_plain']:8.2f}x")
+        output = args.output.with_name("evaluation_callback.json") if args.output == RESULTS else args.output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({"benchmark": "evaluation_callback", "epochs": args.epochs,
+                                      "repeats": args.repeats, "load_average": os.getloadavg()[0],
+                                      "results": found}, indent=2) + "\n")
+        print(f"\nwritten {output}")
         return
     results = []
     import os

@@ -11,13 +11,15 @@ non-zero), a dense ``.h5ad`` and a parquet table, then measures, in one run:
 C and D are measured with a warm page cache and a cold one (the file's pages dropped with
 ``posix_fadvise(DONTNEED)`` before the pass). Sharded cases read the same rows as several files: the CSR
 file split into 4 ``.h5ad`` files (``csr_sharded``, one source over their folder) and the table into 8
-parquet files (``parquet_sharded``); their C and D are reported as ratios to the single file's (goal >= 0.8). Each streaming pass runs in a fresh process so its peak
-resident memory (VmHWM) is its own; the baseline is that process after setup, before the first batch.
+parquet files (``parquet_sharded``); their C and D are reported as ratios to the single file's (goal >= 0.8).
+Each streaming pass runs in a fresh process so its peak resident memory (VmHWM) is its own; the baseline is
+that process after setup, before the first batch.
 Goals (printed as ratios): C >= 0.5 x D warm; for CSR C >= 10 x B(h5py) and >= 100 x B(anndata);
 peak RSS of C <= baseline + 2 buffers; C feeds >= 2 x what an MLP encoder consumes.
 
     python benchmarks/loader.py --dir /tmp/unimodality-bench     # about 10 min the first time (generation)
     python benchmarks/loader.py --cases csr csr_sharded           # some cases only
+    python benchmarks/loader.py --huge-gb 20 --batches 2000        # a 20 GB file streamed cold, then deleted
 """
 
 from __future__ import annotations
@@ -70,6 +72,31 @@ def make_csr(path: Path, n_obs: int, n_var: int, density: float, seed: int = 0, 
             cols = np.sort(rng.random((rows, n_var)).argpartition(nnz_per_row, axis=1)[:, :nnz_per_row], axis=1)
             lo, hi = start * nnz_per_row, (start + rows) * nnz_per_row
             indices[lo:hi] = cols.ravel().astype(np.int32)
+            data[lo:hi] = rng.poisson(2.0, hi - lo).astype(np.float32) + 1
+    os.replace(tmp, path)
+
+
+def make_csr_fast(path: Path, n_obs: int, n_var: int, density: float, seed: int = 0, chunk: int = 50000) -> None:
+    """A CSR .h5ad of any size, written at disk speed: row ``r`` holds columns ``k * step + r % step`` (sorted,
+    distinct, every column used), Poisson values; what a loader reads is the same as for random columns."""
+    rng = np.random.default_rng(seed)
+    step = max(1, int(round(1 / density)))
+    nnz_per_row = n_var // step
+    tmp = path.with_suffix(".tmp")
+    with h5py.File(tmp, "w") as f:
+        write_obs_var(f, n_obs, n_var)
+        X = f.create_group("X")
+        X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (n_obs, n_var)})
+        total = n_obs * nnz_per_row
+        data = X.create_dataset("data", (total,), dtype=np.float32, chunks=True)
+        indices = X.create_dataset("indices", (total,), dtype=np.int32, chunks=True)
+        X.create_dataset("indptr", data=np.arange(n_obs + 1, dtype=np.int64) * nnz_per_row)
+        base = np.arange(nnz_per_row, dtype=np.int32) * step
+        for start in range(0, n_obs, chunk):
+            rows = min(chunk, n_obs - start)
+            cols = base[None, :] + (np.arange(start, start + rows, dtype=np.int32) % step)[:, None]
+            lo, hi = start * nnz_per_row, (start + rows) * nnz_per_row
+            indices[lo:hi] = cols.ravel()
             data[lo:hi] = rng.poisson(2.0, hi - lo).astype(np.float32) + 1
     os.replace(tmp, path)
 
@@ -275,6 +302,85 @@ def model_rate(n_features: int, steps: int = 20) -> float:
     return steps * BATCH / (time.perf_counter() - t)
 
 
+def sequential_read(path: Path, rows: int, dense: bool, seed: int = 0) -> float:
+    """Rows/s of reading ``rows`` consecutive CSR rows from a random start with h5py, with no loader in the way:
+    in 64 MB ranges (the disk's sequential speed), or with ``dense`` batch by batch into dense float32 batches
+    (what a plain training loop over the file in order does: the loader's output, without its shuffling)."""
+    with h5py.File(path, "r") as f:
+        X = f["X"]
+        indptr = X["indptr"][()]
+        n_obs, n_var = (int(v) for v in X.attrs["shape"])
+        start = int(np.random.default_rng(seed).integers(0, max(1, n_obs - rows)))
+        data, indices = X["data"], X["indices"]
+        t = time.perf_counter()
+        if not dense:
+            lo, hi = int(indptr[start]), int(indptr[start + rows])
+            step = (64 << 20) // 8
+            for a in range(lo, hi, step):
+                data[a:min(a + step, hi)], indices[a:min(a + step, hi)]
+        else:
+            for a in range(start, start + rows, BATCH):
+                b = min(a + BATCH, start + rows)
+                lo, hi = int(indptr[a]), int(indptr[b])
+                batch = np.zeros((b - a, n_var), dtype=np.float32)
+                batch[np.repeat(np.arange(b - a), np.diff(indptr[a:b + 1])), indices[lo:hi]] = data[lo:hi]
+        return rows / (time.perf_counter() - t)
+
+
+def huge(args: argparse.Namespace) -> None:
+    """A CSR .h5ad of ``--huge-gb`` GB (bigger than this machine's page cache can hold), streamed cold: peak
+    RSS (goal < 1 GB) and throughput against sequential reading of the same file (goal >= 0.5x). The file is
+    deleted afterwards unless ``--keep``."""
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    nnz_per_row = args.genes // max(1, int(round(1 / args.density)))
+    cells = int(np.ceil(args.huge_gb * 1e9 / (nnz_per_row * 8)))
+    path = folder / f"huge_{cells}x{args.genes}.h5ad"
+    t = time.perf_counter()
+    if not path.exists():
+        make_csr_fast(path, cells, args.genes, args.density)
+    size = path.stat().st_size / 1e9
+    print(f"{path.name}: {size:.1f} GB ({cells:,} cells x {args.genes:,} genes, {nnz_per_row} non-zeros per row), "
+          f"ready in {time.perf_counter() - t:.0f} s")
+    try:
+        rows = args.batches * BATCH
+        cache = folder / "cache"
+        row = {"file_gb": size, "cells": cells, "genes": args.genes, "rows_per_pass": rows}
+        drop_cache(path)
+        row["sequential_rows_per_s"] = sequential_read(path, rows, dense=False)
+        drop_cache(path)
+        row["sequential_dense_rows_per_s"] = sequential_read(path, rows, dense=True, seed=1)
+        drop_cache(path)
+        row["C_cold"] = stream_pass(path, 64, 16, args.batches, cold=True, cache=cache)
+        row["D_cold"] = stream_pass(path, 16 * BATCH, 16, args.batches, cold=True, cache=cache)
+        row["ratios"] = {
+            "C/sequential": row["C_cold"]["rate"] / row["sequential_rows_per_s"],
+            "D/sequential": row["D_cold"]["rate"] / row["sequential_rows_per_s"],
+            "C/sequential dense batches": row["C_cold"]["rate"] / row["sequential_dense_rows_per_s"],
+            "C/D": row["C_cold"]["rate"] / row["D_cold"]["rate"],
+        }
+        row["C_peak_rss_gb"] = row["C_cold"]["peak"] / 1e9
+        print(f"  sequential h5py read {row['sequential_rows_per_s']:>12,.0f} rows/s "
+              f"({row['sequential_rows_per_s'] * nnz_per_row * 8 / 1e6:,.0f} MB/s)")
+        print(f"  sequential, dense    {row['sequential_dense_rows_per_s']:>12,.0f} rows/s (batches of {BATCH})")
+        for name in ("C_cold", "D_cold"):
+            r = row[name]
+            print(f"  {name:20s} {r['rate']:>12,.0f} rows/s   peak RSS {r['peak'] / 1e9:.2f} GB "
+                  f"(baseline {r['base'] / 1e9:.2f} GB)")
+        for name, value in row["ratios"].items():
+            print(f"  {name:20s} {value:8.2f}")
+        print(f"  goals: C peak RSS < 1 GB: {row['C_peak_rss_gb'] < 1.0}; C >= 0.5 x sequential (dense batches): "
+              f"{row['ratios']['C/sequential dense batches'] >= 0.5}")
+    finally:
+        if not args.keep:
+            path.unlink(missing_ok=True)
+            print(f"  deleted {path}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "loader_huge.json"
+    out.write_text(json.dumps(row, indent=2))
+    print(f"\nwritten {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default="/tmp/unimodality-bench")
@@ -284,7 +390,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=400, help="batches per streaming pass")
     parser.add_argument("--quick", action="store_true", help="small files (a smoke run, not the goal's 2 GB)")
     parser.add_argument("--cases", nargs="+", default=["csr", "dense", "parquet", "csr_sharded", "parquet_sharded"])
+    parser.add_argument("--huge-gb", type=float, default=None,
+                        help="the bigger-than-memory mode: stream a generated CSR file of this many GB (e.g. 20)")
+    parser.add_argument("--keep", action="store_true", help="with --huge-gb: keep the file (deleted by default)")
     args = parser.parse_args()
+    if args.huge_gb:
+        return huge(args)
     if args.quick:
         args.cells, args.genes, args.batches = 20_000, 2_000, 50
     folder = Path(args.dir)

@@ -1,23 +1,34 @@
-"""Forward+backward time and peak memory of every built-in loss, next to a naive reference.
+"""Forward+backward time and peak memory of every built-in loss, next to a naive reference and the field's code.
 
 The naive reference computes the same loss the way a direct transcription of the formula does: one
 Python iteration per anchor, each vectorised over the candidates (VICReg: per anchor for the invariance
 term, per feature for the variance and covariance terms; DCCA: the paper's inverse square roots by
 eigen-decomposition, per-anchor group means; Sinkhorn: autograd through every unrolled iteration,
-as differentiating POT's solver does, instead of the envelope gradient). Both are run in the same
-invocation, on the same inputs, and must agree (the script checks it). Each measurement runs in a fresh
-process: memory is the rise of the process's peak resident set (CPU) or of
-``torch.cuda.max_memory_allocated`` (GPU) over one forward+backward, measured before any warm-up; time is
-the median of ``--repeats`` runs. ``vs clip`` is each loss's time over ``ClipLoss``'s at the same batch
-and dimension, measured in the same run (when ``ClipLoss`` is among ``--losses``).
+as differentiating POT's solver does, instead of the envelope gradient). Both run on the same inputs
+and must agree (the script checks it).
+
+``ClipLoss`` and ``NTXentLoss`` are also timed against the implementations the field uses, transcribed
+below with their source named (``ANCHORS``): open_clip's ``ClipLoss`` and lightly's ``NTXentLoss``,
+single process, without replicate groups (they have none). The comparison runs ours with
+``use_groups=False`` (``textbook``: the same loss, the values must agree) and ours with groups (the
+multi-positive loss) against the anchor's textbook loss.
+
+One child process per loss, batch and dimension measures every implementation: a warm-up step each;
+then memory, the rise of the process's peak resident set over one forward+backward (CPU: the kernel's
+high-water mark is reset just before, ``/proc/self/clear_refs``, and glibc's mmap threshold is pinned
+at 64 KiB so freed tensors leave the resident set; GPU: ``torch.cuda.max_memory_allocated`` after a
+reset); then ``--repeats`` timing rounds, the implementations interleaved and their order rotated each
+round. Times are medians with the range over rounds; the ratios to the anchor are medians of the
+per-round ratios. ``vs clip`` is each loss's time over ``ClipLoss``'s at the same batch and dimension
+(when ``ClipLoss`` is among ``--losses``). Threads: 1 unless ``--threads``.
 
 VICReg and DCCA get un-normalised inputs (``normalized_inputs = False``), the others L2-normalised ones.
 The unrolled Sinkhorn reference keeps every iteration's ``n x n`` tensors for backward: it is skipped
 above ``--max-naive-sinkhorn`` rows.
 
     python benchmarks/losses.py                         # batch 256/1024/4096 x dim 256/512
+    python benchmarks/losses.py --losses ClipLoss NTXentLoss --dim 512 --no-naive
     python benchmarks/losses.py --batch 256 1024 --dim 256 --repeats 3
-    python benchmarks/losses.py --losses ClipLoss VICRegLoss DCCALoss --batch 256 1024
     python benchmarks/losses.py --device cuda
 
 Writes ``benchmarks/results/losses.json``.
@@ -28,8 +39,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -196,56 +207,183 @@ NAIVE = {"ClipLoss": naive_clip, "SigLipLoss": naive_siglip, "HopfieldLoss": nai
          "CWCLLoss": naive_cwcl, "SinkhornLoss": naive_sinkhorn}
 
 
+# -- anchors: the field's implementations, transcribed (single process, no memory bank) -------------------
+def open_clip_loss(loss, a, b, group):
+    """open_clip's ``ClipLoss.forward`` with ``world_size == 1`` (mlfoundations/open_clip, src/open_clip/loss.py)."""
+    logit_scale = loss.scale
+    logits_per_image = logit_scale * a @ b.T
+    logits_per_text = logit_scale * b @ a.T
+    labels = torch.arange(logits_per_image.shape[0], device=a.device, dtype=torch.long)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def lightly_ntxent(loss, a, b, group):
+    """lightly's ``NTXentLoss.forward``, no memory bank, one process.
+
+    Source: lightly-ai/lightly, lightly/loss/ntx_ent_loss.py.
+    """
+    temperature = loss.temperature
+    batch_size = a.shape[0]
+    out0, out1 = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    diag_mask = torch.eye(batch_size, device=a.device, dtype=torch.bool)
+    logits_00 = torch.einsum("nc,mc->nm", out0, out0) / temperature
+    logits_01 = torch.einsum("nc,mc->nm", out0, out1) / temperature
+    logits_10 = torch.einsum("nc,mc->nm", out1, out0) / temperature
+    logits_11 = torch.einsum("nc,mc->nm", out1, out1) / temperature
+    logits_00 = logits_00[~diag_mask].view(batch_size, -1)
+    logits_11 = logits_11[~diag_mask].view(batch_size, -1)
+    logits_0100 = torch.cat([logits_01, logits_00], dim=1)
+    logits_1011 = torch.cat([logits_10, logits_11], dim=1)
+    logits = torch.cat([logits_0100, logits_1011], dim=0)
+    labels = torch.arange(batch_size, device=a.device, dtype=torch.long).repeat(2)
+    return F.cross_entropy(logits, labels)
+
+
+#: loss -> (anchor's name, its formula)
+ANCHORS = {"ClipLoss": ("open_clip", open_clip_loss), "NTXentLoss": ("lightly", lightly_ntxent)}
+
+
 # -- one measurement (in a child process) -----------------------------------------------------------
-def measure(name: str, impl: str, batch: int, dim: int, repeats: int, device: str) -> dict:
+def _resident() -> tuple[int, int] | None:
+    """(peak, current) resident set in bytes, or None where /proc is not there."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return int(fields["VmHWM"].split()[0]) * 1024, int(fields["VmRSS"].split()[0]) * 1024
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def measure(name: str, batch: int, dim: int, repeats: int, device: str, naive: bool) -> dict:
     from unimodality import registry
 
     torch.manual_seed(0)
-    loss = registry.registered("losses")[name][0].cls().to(device)
+    cls = registry.registered("losses")[name][0].cls
+    loss = cls().to(device)
     group = torch.randint(0, batch // 4, (batch,), device=device)  # about four replicates per perturbation
     a0, b0 = torch.randn(batch, dim, device=device), torch.randn(batch, dim, device=device)
     if loss.normalized_inputs:  # VICReg and DCCA take the heads' raw outputs
         a0, b0 = F.normalize(a0, dim=1), F.normalize(b0, dim=1)
     else:
         b0 = 0.5 * a0 + b0  # correlated, as paired outputs are
-    compute = (lambda a, b: loss(a, b, group)) if impl == "unimodality" else (
-        lambda a, b: NAIVE[name](loss, a, b, group))
+    impls = {"unimodality": lambda a, b: loss(a, b, group)}
+    if name in ANCHORS:
+        torch.manual_seed(0)
+        textbook = cls(use_groups=False).to(device)
+        anchor = ANCHORS[name][1]
+        impls["textbook"] = lambda a, b: textbook(a, b, group)
+        impls["anchor"] = lambda a, b: anchor(textbook, a, b, group)
+    if naive:
+        impls["naive"] = lambda a, b: NAIVE[name](loss, a, b, group)
 
-    def step() -> float:
+    def step(compute) -> float:
         a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
         value = compute(a, b)
         value.backward()
-        return float(value)
+        return float(value.detach())
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    value = step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
+    def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"loss": name, "impl": impl, "batch": batch, "dim": dim, "value": value,
-            "seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
+
+    values = {impl: step(compute) for impl, compute in impls.items()}  # warm-up
+    peaks, method = {}, None
+    for impl, compute in impls.items():
+        sync()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base, method = torch.cuda.memory_allocated(), "cuda.max_memory_allocated"
+        elif _resident() is not None and _reset_peak():
+            base, method = _resident()[1], "VmHWM rise after clear_refs"
+        step(compute)
+        sync()
+        if device == "cuda":
+            peaks[impl] = torch.cuda.max_memory_allocated() - base
+        elif method:
+            peaks[impl] = _resident()[0] - base
+        else:  # no /proc: not measured
+            peaks[impl] = None
+    times = {impl: [] for impl in impls}
+    names = list(impls)
+    for round_ in range(repeats):
+        for impl in names[round_ % len(names):] + names[:round_ % len(names)]:  # rotate the order
+            if impl == "naive" and round_ >= max(1, repeats // 2):
+                continue  # the naive loop is slow at large batches: fewer rounds keep the run short
+            sync()
+            start = time.perf_counter()
+            step(impls[impl])
+            sync()
+            times[impl].append(time.perf_counter() - start)
+    return {"loss": name, "batch": batch, "dim": dim, "values": values, "times": times, "peak_bytes": peaks,
+            "memory_method": method, "threads": torch.get_num_threads()}
 
 
-def run_child(name, impl, batch, dim, repeats, device) -> dict:
+def run_child(name, batch, dim, repeats, device, naive, threads) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads)}
     out = subprocess.run(
-        [sys.executable, __file__, "--child", name, impl, str(batch), str(dim), str(repeats), device],
-        capture_output=True, text=True, check=True,
+        [sys.executable, __file__, "--child", name, str(batch), str(dim), str(repeats), device, str(int(naive)),
+         str(threads)],
+        capture_output=True, text=True, check=True, env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _agree(x: float | None, y: float | None) -> bool | None:
+    return None if x is None or y is None else abs(x - y) <= 1e-4 * max(1.0, abs(y))
+
+
+def _ratio(times: dict, impl: str, baseline: str) -> dict | None:
+    """Median (and range) of the per-round time ratios of two interleaved implementations."""
+    pairs = [x / y for x, y in zip(times[impl], times[baseline])]
+    return {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs)} if pairs else None
+
+
+def summarize(child: dict) -> dict:
+    times, peaks, values = child["times"], child["peak_bytes"], child["values"]
+
+    def timing(impl):
+        if impl not in times or not times[impl]:
+            return None
+        return {"median": statistics.median(times[impl]), "min": min(times[impl]), "max": max(times[impl]),
+                "rounds": len(times[impl])}
+
+    def mib(impl):
+        return None if peaks.get(impl) is None else peaks[impl] / 2**20
+
+    def mem_ratio(impl, baseline):
+        return peaks[impl] / peaks[baseline] if peaks.get(impl) and peaks.get(baseline) else None
+
+    row = {
+        "loss": child["loss"], "batch": child["batch"], "dim": child["dim"],
+        "seconds": timing("unimodality"), "peak_mib": mib("unimodality"), "value": values["unimodality"],
+        "naive_seconds": timing("naive"), "naive_peak_mib": mib("naive"), "naive_value": values.get("naive"),
+        "speedup": (statistics.median(times["naive"]) / statistics.median(times["unimodality"]))
+        if times.get("naive") else None,
+        "memory_ratio": mem_ratio("unimodality", "naive"),
+        "agree": _agree(values["unimodality"], values.get("naive")),
+        "memory_method": child["memory_method"], "threads": child["threads"],
+    }
+    if "anchor" in times:
+        row["anchor"] = {
+            "name": ANCHORS[child["loss"]][0],
+            "seconds": timing("anchor"), "peak_mib": mib("anchor"), "value": values["anchor"],
+            "textbook_seconds": timing("textbook"), "textbook_peak_mib": mib("textbook"),
+            "textbook_value": values["textbook"], "agree": _agree(values["textbook"], values["anchor"]),
+            "time_ratio_textbook": _ratio(times, "textbook", "anchor"),
+            "time_ratio_groups": _ratio(times, "unimodality", "anchor"),
+            "memory_ratio_textbook": mem_ratio("textbook", "anchor"),
+            "memory_ratio_groups": mem_ratio("unimodality", "anchor"),
+        }
+    return row
 
 
 def main() -> None:
@@ -254,67 +392,81 @@ def main() -> None:
     parser.add_argument("--dim", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--losses", nargs="+", default=list(LOSSES))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each measurement (default 1)")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive references (anchors only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--max-naive-sinkhorn", type=int, default=1024,
                         help="largest batch for the unrolled Sinkhorn reference (memory: iterations x n^2)")
-    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        name, impl, batch, dim, repeats, device = args.child
-        print(json.dumps(measure(name, impl, int(batch), int(dim), int(repeats), device)))
+        name, batch, dim, repeats, device, naive, threads = args.child
+        torch.set_num_threads(int(threads))
+        print(json.dumps(measure(name, int(batch), int(dim), int(repeats), device, naive == "1")))
         return
 
+    def show(value, form, none="n/a"):
+        return none if value is None else format(value, form)
+
+    def spread(t):
+        return "n/a" if t is None else f"{1e3 * t['median']:.1f} [{1e3 * t['min']:.0f}-{1e3 * t['max']:.0f}]"
+
     rows = []
-    header = f"{'loss':13s} {'batch':>5s} {'dim':>4s} {'ms':>9s} {'vs clip':>8s} {'naive ms':>9s} {'speedup':>8s} " \
-             f"{'MiB':>8s} {'naive MiB':>9s} {'mem ratio':>9s}  agree"
-    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}\n{header}")
+    print(f"device {args.device}, torch {torch.__version__}, threads {args.threads}, repeats {args.repeats}")
+    print(f"{'loss':13s} {'batch':>5s} {'dim':>4s} {'ms [range]':>20s} {'vs clip':>8s} {'naive ms':>9s} "
+          f"{'speedup':>8s} {'MiB':>8s} {'naive MiB':>9s} {'mem ratio':>9s}  agree")
     clip_seconds: dict[tuple[int, int], float] = {}
     names = sorted(args.losses, key=lambda n: n != "ClipLoss")  # the baseline first
     for name in names:
         for batch in args.batch:
             for dim in args.dim:
-                ours = run_child(name, "unimodality", batch, dim, args.repeats, args.device)
-                if name == "ClipLoss":
-                    clip_seconds[batch, dim] = ours["seconds"]
-                if name == "SinkhornLoss" and batch > args.max_naive_sinkhorn:
-                    naive = None
-                else:  # the naive loop is slow at large batches: fewer repeats keep the run short
-                    naive = run_child(name, "naive", batch, dim, max(1, args.repeats // 2), args.device)
-                agree = None if naive is None else (
-                    abs(ours["value"] - naive["value"]) <= 1e-4 * max(1.0, abs(naive["value"])))
-                vs_clip = ours["seconds"] / clip_seconds[batch, dim] if (batch, dim) in clip_seconds else None
-                row = {
-                    **{k: ours[k] for k in ("loss", "batch", "dim")},
-                    "seconds": ours["seconds"], "vs_clip": vs_clip,
-                    "naive_seconds": naive["seconds"] if naive else None,
-                    "speedup": naive["seconds"] / ours["seconds"] if naive else None,
-                    "peak_mib": ours["peak_bytes"] / 2**20,
-                    "naive_peak_mib": naive["peak_bytes"] / 2**20 if naive else None,
-                    "memory_ratio": (ours["peak_bytes"] / naive["peak_bytes"])
-                    if naive and naive["peak_bytes"] else None,
-                    "value": ours["value"], "naive_value": naive["value"] if naive else None, "agree": agree,
-                }
+                naive = not args.no_naive and not (name == "SinkhornLoss" and batch > args.max_naive_sinkhorn)
+                row = summarize(run_child(name, batch, dim, args.repeats, args.device, naive, args.threads))
                 rows.append(row)
-
-                def show(value, form, none="n/a"):
-                    return none if value is None else format(value, form)
-
-                print(f"{name:13s} {batch:5d} {dim:4d} {1e3 * row['seconds']:9.2f} {show(vs_clip, '7.2f'):>7s}x "
-                      f"{show(naive and 1e3 * row['naive_seconds'], '9.1f'):>9s} {show(row['speedup'], '7.1f'):>7s}x "
-                      f"{row['peak_mib']:8.1f} {show(row['naive_peak_mib'], '9.1f'):>9s} "
+                if name == "ClipLoss":
+                    clip_seconds[batch, dim] = row["seconds"]["median"]
+                vs_clip = row["seconds"]["median"] / clip_seconds[batch, dim] if (batch, dim) in clip_seconds \
+                    else None
+                row["vs_clip"] = vs_clip
+                naive_ms = row["naive_seconds"] and 1e3 * row["naive_seconds"]["median"]
+                agree = row["agree"]
+                print(f"{name:13s} {batch:5d} {dim:4d} {spread(row['seconds']):>20s} {show(vs_clip, '7.2f'):>7s}x "
+                      f"{show(naive_ms, '9.1f'):>9s} {show(row['speedup'], '7.1f'):>7s}x "
+                      f"{show(row['peak_mib'], '8.1f'):>8s} {show(row['naive_peak_mib'], '9.1f'):>9s} "
                       f"{show(row['memory_ratio'], '.2f'):>9s}  "
                       f"{'skipped' if agree is None else 'yes' if agree else 'NO'}", flush=True)
+    anchored = [r for r in rows if "anchor" in r]
+    if anchored:
+        print(f"\nagainst the field's implementations (ratio = ours / anchor; time: median [range] of per-round "
+              f"ratios)\n{'loss':13s} {'anchor':>9s} {'batch':>5s} {'dim':>4s} {'anchor ms':>20s} "
+              f"{'textbook ms':>20s} {'time textbook':>20s} {'time groups':>20s} {'anchor MiB':>10s} "
+              f"{'textbook MiB':>12s} {'groups MiB':>10s} {'mem textbook':>12s} {'mem groups':>10s}  agree")
+        for r in anchored:
+            x = r["anchor"]
+
+            def ratio(t):
+                return "n/a" if t is None else f"{t['median']:.2f} [{t['min']:.2f}-{t['max']:.2f}]"
+
+            print(f"{r['loss']:13s} {x['name']:>9s} {r['batch']:5d} {r['dim']:4d} {spread(x['seconds']):>20s} "
+                  f"{spread(x['textbook_seconds']):>20s} {ratio(x['time_ratio_textbook']):>20s} "
+                  f"{ratio(x['time_ratio_groups']):>20s} {show(x['peak_mib'], '10.1f'):>10s} "
+                  f"{show(x['textbook_peak_mib'], '12.1f'):>12s} {show(r['peak_mib'], '10.1f'):>10s} "
+                  f"{show(x['memory_ratio_textbook'], '12.2f'):>12s} {show(x['memory_ratio_groups'], '10.2f'):>10s}  "
+                  f"{'yes' if x['agree'] else 'NO'}")
     print("\nspeedup = naive time / unimodality time (forward+backward); mem ratio = unimodality / naive "
-          "peak memory rise; vs clip = time / ClipLoss time at the same batch and dim")
+          "peak memory rise; vs clip = time / ClipLoss time at the same batch and dim; textbook = ours with "
+          "use_groups=False, groups = ours with replicate groups (about 4 per perturbation)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
-        "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device": args.device, "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
         "machine": platform.platform(), "processor": platform.processor(), "rows": rows,
     }, indent=2))
     print(f"wrote {args.output}")
-    if not all(r["agree"] is not False for r in rows):
-        sys.exit("some losses disagree with their naive reference")
+    disagree = [r for r in rows if r["agree"] is False or ("anchor" in r and not r["anchor"]["agree"])]
+    if disagree:
+        sys.exit("some losses disagree with their reference: "
+                 + ", ".join(f"{r['loss']} {r['batch']}x{r['dim']}" for r in disagree))
 
 
 if __name__ == "__main__":

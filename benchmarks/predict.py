@@ -147,7 +147,8 @@ def main() -> None:
 
     import pandas as pd
 
-    embeddings = {name: pd.read_parquet(path).filter(like="X_unimodality_").to_numpy() for name, path in outputs.items()}
+    embeddings = {name: pd.read_parquet(path).filter(like="X_unimodality_").to_numpy()
+                  for name, path in outputs.items()}
     agreement = {name: float(np.abs(embeddings[name] - embeddings["plain"]).max()) for name in ("ours", "streaming")}
     summary = {}
     for name, results in times.items():

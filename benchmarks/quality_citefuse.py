@@ -149,13 +149,13 @@ def fold_labels(n_cells: int, train: np.ndarray, test: np.ndarray, inner_val: in
 
 
 def unimodality_model(
-    loss_name: str, folder: Path, labels: np.ndarray, data: Path, seed: int, settings: dict | None = None,
+    loss_name: str | type, folder: Path, labels: np.ndarray, data: Path, seed: int, settings: dict | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Train a CrossModalSetup on the ``train`` cells (epoch picked on the ``val`` cells); similarities of the
     ``test`` cells' embeddings (rows: RNA, columns: proteins; cell i is row and column i).
 
     Args:
-        loss_name: ``CLIP`` or ``Hopfield``.
+        loss_name: ``CLIP`` or ``Hopfield``, or a loss class (built with its defaults; benchmarks/methods.py).
         folder: scratch folder of this run.
         labels: split label of every cell (see :func:`fold_labels`); cells labelled ``""`` are left out.
         data: the dataset folder.
@@ -189,7 +189,8 @@ def unimodality_model(
         },
         keys=["barcode"], split_column="split", batch_size=config["batch_size"], seed=seed,
     )
-    loss = ClipLoss() if loss_name == "CLIP" else HopfieldLoss()
+    loss = loss_name() if isinstance(loss_name, type) else ClipLoss() if loss_name == "CLIP" else HopfieldLoss()
+    loss_name = getattr(loss_name, "__name__", loss_name)
     model = CrossModalSetup(
         encoders={
             "rna": partial(MLPEncoder, hidden_sizes=config["rna_hidden"], dropout=config["rna_dropout"]),

@@ -1,1 +1,2 @@
-"""unimodality's test suite (a regular package: a top-level ``tests`` package some dependencies install, e.g. efaar-benchmarking's, must not shadow it)."""
+"""unimodality's test suite (a regular package: a top-level ``tests`` package some dependencies install, e.g.
+efaar-benchmarking's, must not shadow it)."""

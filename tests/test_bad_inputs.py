@@ -406,6 +406,40 @@ def test_a_config_naming_a_function_or_foreign_class_is_refused(data, tmp_path, 
     assert not witness.exists()
 
 
+@pytest.mark.parametrize("name", ["builtins.print", "os.system", "builtins.eval"])
+def test_a_function_given_to_a_callable_argument_is_refused(data, checkpoint, tmp_path, name):
+    """A scheduler's `lr_lambda` is typed as a callable: jsonargparse would import the path and LambdaLR
+    call it every epoch. Such a string must name an accepted class too, in a config and in a checkpoint."""
+    scheduler = {"class_path": "torch.optim.lr_scheduler.LambdaLR", "init_args": {"lr_lambda": name}}
+    config = yaml.safe_load((CONFIGS / "clip.yaml").read_text())
+    config["model"]["init_args"]["lr_scheduler"] = scheduler
+    path = tmp_path / "hostile.yaml"
+    path.write_text(yaml.safe_dump(config))
+    culprit = r"lr_scheduler\.init_args\.lr_lambda"
+    printed = assert_user_error(["fit", "--config", str(path), *QUICK], r"hostile\.yaml", culprit, re.escape(name),
+                                r"not a class", folder=data["dir"])
+    assert len(printed.strip().splitlines()) == 1, printed
+    assert_user_error(["fit", "--config", str(CONFIGS / "clip.yaml"), "--model.init_args.lr_scheduler",
+                       json.dumps(scheduler), *QUICK], culprit, r"not a class")  # (os.system is posix.system)
+
+    def change(content):
+        content["hyper_parameters"]["lr_scheduler"] = scheduler
+
+    hostile = tampered(checkpoint, tmp_path, change)
+    assert_user_error(predict(hostile, data["tx"], "--data.output", str(data["dir"] / "out.h5ad")),
+                      r"tampered\.ckpt", culprit, re.escape(name), folder=data["dir"])
+
+
+def test_a_class_given_to_a_callable_argument_is_accepted(tmp_path, capsys):
+    """The same check lets the classes a config is meant to name through: an optimizer given as a plain path."""
+    from unimodality.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "clip.yaml"), "--model.init_args.optimizer", "torch.optim.SGD",
+              "--print_config"])
+    assert exit_info.value.code == 0 and "torch.optim.SGD" in capsys.readouterr().out
+
+
 def arm(config, name: str, witness: Path) -> None:
     """Give every entry naming ``name`` the arguments that would create ``witness`` if it were called."""
     if isinstance(config, dict):
@@ -661,6 +695,8 @@ def test_a_checkpoint_naming_a_source_by_its_old_class_path_still_predicts(data,
     assert code == 0, printed
     code, printed = run(["validate", "--ckpt_path", str(older), "--trainer.enable_progress_bar", "false"])
     assert code == 0, printed
+    # a checkpoint outside a run directory: its results beside it, never in the working directory
+    assert (tmp_path / "val_results_tampered.csv").is_file() and not Path("val_results_tampered.csv").exists()
 
 
 def test_predict_reads_a_zarr_store_like_its_h5ad(data, checkpoint, tmp_path):

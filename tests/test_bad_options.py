@@ -83,7 +83,7 @@ def test_an_unknown_top_level_key_lists_the_valid_ones(tmp_path):
 
 def test_an_unknown_plugin_name_suggests_names_of_its_own_group_only(data):
     line = one_line_error(fit(data, "--model.encoders.tx", "ClipLos"), r"model\.init_args\.encoders\.tx",
-                          r"unknown encoder 'ClipLos'", r"encoders: CNNEncoder, GNNEncoder, MLPEncoder")
+                          r"unknown encoder 'ClipLos'", r"encoders: AdapterEncoder, CNNEncoder, GNNEncoder, MLPEncoder")
     assert "Did you mean" not in line  # ClipLoss is a loss: no answer for an encoder
     one_line_error(fit(data, "--model.encoders.tx", "ClipLoss"), r"'ClipLoss' is a loss, not an encoder")
     one_line_error(fit(data, "--model.encoders.tx", "MLPEncodr"), r"Did you mean 'MLPEncoder'\?")

@@ -56,8 +56,9 @@ def test_bad_dose_values_are_refused_naming_the_column_and_rows(tmp_path):
 
 
 def test_streaming_training_reads_the_dose_too(example_data_dir, tmp_path):
-    from tests.test_embeddings_format import datamodule_of
     import yaml
+
+    from tests.test_embeddings_format import datamodule_of
 
     config = yaml.safe_load(CONFIG.read_text())
     config["data"]["init_args"]["modalities"]["tx"]["init_args"]["metadata_features"] = DOSE

@@ -352,7 +352,7 @@ def test_checkpoint_embeds_the_file_exactly_as_predict_does(lincs, tmp_path):
     assert from_checkpoint.loc[0, "n"] == 58 and from_checkpoint["pca"].notna().all()
     pd.testing.assert_series_equal(from_checkpoint["value"], from_predict["value"], atol=1e-5)
     (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match="broken.ckpt: holds objects .* is refused .* evaluate never unpickles"):
+    with pytest.raises(DataError, match="broken.ckpt: holds objects .* is refused .* pass --trust_checkpoint true"):
         evaluate(str(lincs), embedding=str(tmp_path / "broken.ckpt"), **options)
 
 
@@ -390,3 +390,18 @@ def test_lincs_simclr_trained_here_against_its_baselines(lincs, tmp_path, monkey
     table = pd.read_csv(tmp_path / "eval" / "evaluation.csv")
     activity = table[(table.evaluator == "replicate_retrieval_map") & (table.metric == "fraction_retrieved")].iloc[0]
     assert 0 < activity["value"] <= 1 and activity["pca"] > 0.5
+
+
+def test_numeric_columns_named_as_metadata_are_not_features():
+    """A numeric dose column named as a perturbation column stays metadata (it is no raw feature)."""
+    from unimodality.evaluation import load_dataset
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"compound": np.repeat(["a", "b", "c"], 4), "dose": np.tile([0.1, 1.0], 6)})
+    table = pd.concat([table, pd.DataFrame(rng.standard_normal((12, 3))).add_prefix("f")], axis=1)
+    assert load_dataset(table, embedding="X").feature_names == ["dose", "f0", "f1", "f2"]  # unnamed: numeric
+    named = load_dataset(table, embedding="X", metadata=["compound", "dose"])
+    assert named.feature_names == ["f0", "f1", "f2"] and list(named.obs.columns) == ["compound", "dose"]
+    report = evaluate(table, embedding="X", perturbation=["compound", "dose"], labels="compound",
+                      evaluators=["KNNClassification"], baselines=[])
+    assert report.loc[0, "n"] == 12

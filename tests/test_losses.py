@@ -383,3 +383,102 @@ def test_selectable_from_the_cli_by_short_name(cls, tmp_path, monkeypatch, capsy
     main([*args, "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false",
           "--trainer.default_root_dir", str(tmp_path)])
     assert len(calls) >= 2 and all(math.isfinite(value) for _, value in calls)
+
+
+# -- NT-Xent's memory-lean computation against the dense masked formula it replaced -------------------------
+def dense_ntxent(a, b, temperature, group=None):
+    """The former implementation: (2N)^2 logits, a self mask, a positive mask and a masked log-softmax."""
+    n = a.shape[0]
+    z = torch.cat([a, b])
+    is_self = torch.eye(2 * n, dtype=torch.bool)
+    logits = (z @ z.T / temperature).masked_fill(is_self, float("-inf"))
+    same = torch.eye(n, dtype=torch.bool) if group is None else group[:, None] == group[None, :]
+    positive = same.repeat(2, 2) & ~is_self
+    log_prob = logits.log_softmax(dim=1).masked_fill(~positive, 0.0)
+    return -(log_prob.sum(dim=1) / positive.sum(dim=1)).mean()
+
+
+@pytest.mark.parametrize("use_groups", [True, False])
+@pytest.mark.parametrize("block_elements", [2**20, 5])
+def test_ntxent_value_and_gradients_equal_the_dense_formula(use_groups, block_elements, monkeypatch):
+    import unimodality.loss
+
+    monkeypatch.setattr(unimodality.loss, "BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(unimodality.loss, "MIN_BLOCK_ROWS", 1)
+    a, b = embeddings(n=13, d=5, seed=7)
+    a, b = a.requires_grad_(), b.requires_grad_()
+    group = torch.tensor([3, 3, 3, 3, 0, 0, 0, 11, 11, -4, 6, 2, 2])  # sizes 4, 3, 2 and 1
+    loss = NTXentLoss(temperature=0.2, learn_temperature=True, use_groups=use_groups).double()
+    value = loss(a, b, group)
+    grads = torch.autograd.grad(value, [a, b, loss.log_temperature])
+    log_t = loss.log_temperature.detach().clone().requires_grad_()
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    temperature = log_t.clamp(min=loss.min_log_temperature).exp()
+    expected = dense_ntxent(a2, b2, temperature, group if use_groups else None)
+    expected_grads = torch.autograd.grad(expected, [a2, b2, log_t])
+    assert abs(float(value.detach()) - float(expected.detach())) < 1e-10
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_contrast_terms_match_torch_and_pass_gradcheck(monkeypatch):
+    import unimodality.loss
+    from unimodality.loss import contrast_terms, group_index
+
+    monkeypatch.setattr(unimodality.loss, "BLOCK_ELEMENTS", 8)
+    monkeypatch.setattr(unimodality.loss, "MIN_BLOCK_ROWS", 1)  # several blocks of rows
+    a, b = embeddings(n=7, d=3, seed=8)
+    scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    index, counts = group_index(torch.tensor([4, 4, 1, 1, 1, 0, 9]), 7, a.device)
+    weights = torch.tensor([0.5, 2.0, 0.25, 3.0], dtype=torch.float64)
+    terms = contrast_terms(a, b, scale, index, weights)
+    logits = scale * a @ b.T
+    same = (index[:, None] == index[None, :]).to(logits.dtype)
+    torch.testing.assert_close(terms.rows, logits.logsumexp(1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(terms.columns, logits.logsumexp(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(terms.positive, (same * weights[index][:, None] * logits).sum(), rtol=0, atol=1e-12)
+    diagonal = contrast_terms(a, b, scale, columns=False)  # no groups: the pairs (i, i)
+    assert diagonal.columns is None
+    torch.testing.assert_close(diagonal.positive, (scale * a * b).sum(), rtol=0, atol=1e-12)
+    masked = (scale * a @ a.T).masked_fill(torch.eye(7, dtype=torch.bool), float("-inf"))
+    symmetric = contrast_terms(a, None, scale, index, weights)
+    torch.testing.assert_close(symmetric.rows, masked.logsumexp(1), rtol=0, atol=1e-12)
+    expected = ((same - torch.eye(7)) * weights[index][:, None] * (scale * a @ a.T)).sum()
+    torch.testing.assert_close(symmetric.positive, expected, rtol=0, atol=1e-12)
+
+    mix = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+
+    def combined(x, y, s):
+        t = contrast_terms(x, y, s, index, weights)
+        return t.rows @ mix[:7] + t.columns.sum() * mix[7] + 0.3 * t.positive
+
+    assert torch.autograd.gradcheck(combined, (x, y, scale))
+    assert torch.autograd.gradcheck(lambda x, y, s: contrast_terms(x, y, s, index, weights).columns.sum(),
+                                    (x, y, scale))  # one output only
+    assert torch.autograd.gradcheck(lambda x, y, s: contrast_terms(x, y, s).positive, (x, y, scale))
+    assert torch.autograd.gradcheck(
+        lambda x, s: (lambda t: t.rows @ mix[:7] - t.positive)(contrast_terms(x, None, s, index, weights)), (x, scale))
+    with pytest.raises(ValueError, match="index and weights"):
+        contrast_terms(a, None, scale)
+
+
+def _benchmark(name):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["ClipLoss", "NTXentLoss"])
+def test_benchmark_anchors_agree_with_our_textbook_losses(name):
+    """benchmarks/losses.py's transcriptions of open_clip's and lightly's losses compute our textbook loss."""
+    bench = _benchmark("losses")
+    child = bench.measure(name, 48, 8, 1, "cpu", naive=True)
+    row = bench.summarize(child)
+    assert row["agree"] and row["anchor"]["agree"], row
+    assert row["anchor"]["name"] == {"ClipLoss": "open_clip", "NTXentLoss": "lightly"}[name]
+    assert row["anchor"]["time_ratio_groups"]["median"] > 0

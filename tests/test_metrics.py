@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from unimodality.metrics import (
     EmbeddingCollector,
     chance_levels,
+    cross_recall,
     perturbation_retrieval,
     random_average_precision,
     replicate_map,
@@ -145,6 +146,115 @@ def test_collector_drops_repeated_indices():
     assert group.tolist() == [0, 1, 2, 3, 4, 5]
 
 
+# -- the vectorised ranking metrics against the per-query implementation they replaced, and under ties ------
+def per_query_scores(sim, target, ks=(), mrr=False, average_precision=False):
+    """The former implementation: torchmetrics' functional retrieval metrics, one query at a time."""
+    from torchmetrics.functional.retrieval import (
+        retrieval_average_precision,
+        retrieval_hit_rate,
+        retrieval_reciprocal_rank,
+    )
+
+    functions = {f"recall@{k}": partial(retrieval_hit_rate, top_k=k) for k in ks}
+    if mrr:
+        functions["mrr"] = retrieval_reciprocal_rank
+    if average_precision:
+        functions["map"] = retrieval_average_precision
+    scores = sim.float() - sim.float().amin(dim=1, keepdim=True) + 1.0
+    totals, answerable = dict.fromkeys(functions, 0.0), 0
+    for row, row_target in zip(scores, target):
+        keep = row_target != -1
+        row, row_target = row[keep], row_target[keep].bool()
+        if not row_target.any():
+            continue
+        answerable += 1
+        for name, function in functions.items():
+            totals[name] += float(function(row, row_target))
+    return {name: total / answerable for name, total in totals.items()}, answerable
+
+
+def random_targets(n, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    target = (torch.rand(n, m, generator=g) < 0.15).long()
+    target[torch.rand(n, m, generator=g) < 0.1] = -1  # excluded entries
+    target[:3] = 0  # queries with nothing to find
+    return target, g
+
+
+@pytest.mark.parametrize("block_elements", [2**22, 37])  # one block, and blocks of a row or two
+@pytest.mark.parametrize("compare_max", [32, 0])
+def test_retrieval_scores_equal_the_per_query_torchmetrics_values(block_elements, compare_max, monkeypatch):
+    import unimodality.metrics
+
+    monkeypatch.setattr(unimodality.metrics, "BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(unimodality.metrics, "COMPARE_MAX_POSITIVES", compare_max)
+    target, g = random_targets(40, 30, seed=0)
+    sim = torch.randn(40, 30, generator=g)  # untied
+    got = retrieval_scores(sim, target, ks=(1, 3, 10), mrr=True, average_precision=True)
+    expected, answerable = per_query_scores(sim, target, ks=(1, 3, 10), mrr=True, average_precision=True)
+    assert int(got["queries"]) == answerable
+    for name, value in expected.items():
+        assert float(got[name]) == pytest.approx(value, abs=1e-6), name
+
+
+@pytest.mark.parametrize("compare_max", [32, 0])  # AP by comparing with each right answer, and by sorting
+def test_retrieval_scores_resolve_ties_like_the_brute_force_reference(compare_max, monkeypatch):
+    from sklearn.metrics import average_precision_score
+
+    import unimodality.metrics
+
+    monkeypatch.setattr(unimodality.metrics, "COMPARE_MAX_POSITIVES", compare_max)
+
+    target, g = random_targets(50, 25, seed=1)
+    sim = torch.randint(0, 4, (50, 25), generator=g).float() / 4  # many ties, within and across classes
+    got = retrieval_scores(sim, target, ks=(1, 2, 5), mrr=True, average_precision=True)
+    recall, reciprocal, ap = {k: [] for k in (1, 2, 5)}, [], []
+    for row, row_target in zip(sim.tolist(), target.tolist()):
+        pairs = [(s, t) for s, t in zip(row, row_target) if t != -1]
+        if not any(t == 1 for _, t in pairs):
+            continue
+        best = max(s for s, t in pairs if t == 1)
+        rank = sum(1 for s, _ in pairs if s > best)  # ties in favour of the right answer
+        for k in recall:
+            recall[k].append(rank < k)
+        reciprocal.append(1 / (rank + 1))
+        ap.append(average_precision_score([t for _, t in pairs], [s for s, _ in pairs]))
+    assert int(got["queries"]) == len(reciprocal)
+    for k, hits in recall.items():
+        assert float(got[f"recall@{k}"]) == pytest.approx(np.mean(hits), abs=1e-6)
+    assert float(got["mrr"]) == pytest.approx(np.mean(reciprocal), abs=1e-6)
+    assert float(got["map"]) == pytest.approx(np.mean(ap), abs=1e-6)
+
+
+def test_replicate_map_with_ties_matches_sklearn():
+    from sklearn.metrics import average_precision_score
+
+    g = torch.Generator().manual_seed(4)
+    x = F.normalize(torch.randint(-1, 2, (30, 3), generator=g).float() + 1e-3 * (torch.arange(3) == 0), dim=1)
+    group = torch.randint(0, 8, (30,), generator=g)
+    expected = []
+    for i in range(30):
+        others = [j for j in range(30) if j != i]
+        labels = (group[others] == group[i]).numpy()
+        if labels.any():
+            expected.append(average_precision_score(labels, (x[others] @ x[i]).numpy()))
+    for chunk in (None, 7):
+        assert float(replicate_map(x, group, chunk_size=chunk)["map"]) == pytest.approx(np.mean(expected), abs=1e-6)
+
+
+@pytest.mark.parametrize("block_elements", [2**22, 10])  # one shared matrix, and each direction in blocks
+def test_cross_recall_equals_both_directions_of_row_recall(block_elements, monkeypatch):
+    import unimodality.metrics
+
+    monkeypatch.setattr(unimodality.metrics, "BLOCK_ELEMENTS", block_elements)
+    g = torch.Generator().manual_seed(5)
+    a, b = F.normalize(torch.randn(23, 4, generator=g), dim=1), F.normalize(torch.randn(19, 4, generator=g), dim=1)
+    group_a, group_b = torch.randint(0, 9, (23,), generator=g), torch.randint(0, 9, (19,), generator=g)
+    forward, backward = cross_recall(a, b, group_a, group_b, (1, 3))
+    torch.testing.assert_close(forward, row_recall(a, b, group_a, group_b, (1, 3), chunk_size=5))
+    torch.testing.assert_close(backward, row_recall(b, a, group_b, group_a, (1, 3), chunk_size=5))
+
+
 # -- under DDP: the gathered metric equals the single-process one, padding repeats dropped ----------------
 def _collector_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -216,3 +326,20 @@ def test_setup_logs_perturbation_metrics_with_chance(example_data_dir):
     (tx, tx_group), (ph, ph_group) = (model.last_evaluation["embeddings"][m] for m in ("tx", "ph"))
     again = perturbation_retrieval(tx, tx_group, ph, ph_group, ks=(1,))
     assert metrics["val/pert/recall@1/tx->ph"] == pytest.approx(float(again["recall@1/forward"]))
+
+
+def test_metrics_benchmark_former_and_vectorised_agree():
+    """benchmarks/metrics.py's baseline (the former per-query code) gives the values the vectorised code does."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "metrics.py"
+    spec = importlib.util.spec_from_file_location("benchmark_metrics", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a, b, group = bench.synthetic(120, 8)
+    new = bench.synthetic_metrics(a, b, group)
+    with bench.former_implementation():
+        old = bench.synthetic_metrics(a, b, group)
+    assert set(new) == set(old)
+    for key in old:
+        assert float(new[key]) == pytest.approx(float(old[key]), abs=1e-6), key

@@ -1,11 +1,16 @@
 """Tower modes: trainable, frozen (fixed weights, optionally loaded from a file), disabled (identity)."""
 
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+import yaml
 
 from tests.helpers import example_datamodule, quiet_trainer
+from tests.test_embeddings_format import datamodule_of
+from unimodality.plugins.encoders.adapter import AdapterEncoder
 from unimodality.plugins.encoders.mlp import MLPEncoder
 from unimodality.plugins.setups.cross_modal import CrossModalSetup
 from unimodality.tower import Tower
@@ -97,3 +102,108 @@ def test_missing_encoder_and_unknown_modality_are_explained():
         CrossModalSetup(encoders={"tx": MLPEncoder}).build(schema)
     with pytest.raises(ValueError, match=r"\['mol'\].*data modalities: \['ph', 'tx'\]"):
         CrossModalSetup(encoders={"tx": MLPEncoder, "ph": MLPEncoder, "mol": MLPEncoder}).build(schema)
+
+
+# -- adapter towers (Semi-Clipped): x + g * f(x) on a fixed embedding, identity / orthogonal heads ------------
+SEMI_CLIPPED = Path(__file__).resolve().parents[1] / "configs" / "semi_clipped.yaml"
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_adapter_starts_as_the_identity_and_learns(gate):
+    torch.manual_seed(0)
+    adapter = AdapterEncoder(6, hidden_sizes=[8], gate=gate)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(adapter(x), x, rtol=0, atol=0)
+    assert adapter.out_features == 6
+    adapter(x).square().sum().backward()
+    # the path that starts closed gets a gradient, so the adapter leaves the identity
+    opened = adapter.alpha if gate else adapter.residual[-1].weight
+    assert opened.grad is not None and opened.grad.abs().sum() > 0
+    torch.optim.SGD(adapter.parameters(), lr=0.1).step()
+    assert not torch.allclose(adapter(x), x)
+
+
+def test_adapter_refuses_bad_settings():
+    with pytest.raises(ValueError, match="AdapterEncoder: hidden_sizes"):
+        AdapterEncoder(4, hidden_sizes=[])
+    with pytest.raises(ValueError, match=r"AdapterEncoder: dropout must be in \[0, 1\)"):
+        AdapterEncoder(4, dropout=1.0)
+    with pytest.raises(ValueError, match=r"AdapterEncoder expects input of shape \(batch, 4\), got \(2, 3\)"):
+        AdapterEncoder(4)(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("embed_dim", [6, 16])
+def test_orthogonal_head_keeps_the_input_geometry_at_the_start(embed_dim):
+    torch.manual_seed(0)
+    tower = Tower(6, embed_dim, AdapterEncoder(6, hidden_sizes=[8]), head="orthogonal")
+    x = torch.randn(20, 6)
+    cosine = F.normalize(x, dim=1) @ F.normalize(x, dim=1).T
+    out = tower(x)
+    torch.testing.assert_close(out @ out.T, cosine, atol=1e-5, rtol=0)
+    # a default linear head does not: the embedding starts with another geometry
+    linear = Tower(6, embed_dim, AdapterEncoder(6, hidden_sizes=[8]))
+    assert (linear(x) @ linear(x).T - cosine).abs().max() > 0.1
+
+
+def test_identity_head_uses_the_embedding_as_it_is_and_checks_its_width():
+    tower = Tower(8, 8, None, mode="disabled", head="identity")
+    assert not list(tower.parameters())
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(tower(x), F.normalize(x, dim=1))
+    torch.testing.assert_close(tower(x, normalize=False), x)
+    with pytest.raises(ValueError, match=r"identity head needs the representation's width \(8\) to equal "
+                                         r"embed_dim \(5\): set embed_dim: 8"):
+        Tower(8, 5, None, mode="disabled", head="identity")
+    with pytest.raises(ValueError, match="tower head must be linear, orthogonal or identity, got 'mlp'"):
+        Tower(8, 5, None, mode="disabled", head="mlp")
+
+
+def test_semi_clipped_keeps_the_image_embedding_and_trains_the_adapter(example_data_dir):
+    config = yaml.safe_load(SEMI_CLIPPED.read_text())
+    datamodule = datamodule_of(config)
+    datamodule.setup("fit")
+    args = config["model"]["init_args"]
+    adapter = args["encoders"]["tx"]["init_args"]
+    setup = CrossModalSetup(
+        encoders={"tx": partial(AdapterEncoder, **adapter)}, embed_dim=args["embed_dim"], modes=args["modes"],
+        heads=args["heads"],
+    )
+    setup.build(datamodule.schema)
+    ph, tx = setup.towers["ph"], setup.towers["tx"]
+    assert not list(ph.parameters())  # the image-model embedding is the target space, as it is
+    batch = next(iter(datamodule.train_dataloader()))
+    torch.testing.assert_close(ph(batch["ph"]), F.normalize(batch["ph"], dim=1))
+    tx.eval()
+    start = tx(batch["tx"])
+    torch.testing.assert_close(start @ start.T, F.normalize(batch["tx"], dim=1) @ F.normalize(batch["tx"], dim=1).T,
+                               atol=1e-5, rtol=0)  # the aligned embedding starts as scVI's geometry
+    quiet_trainer(max_steps=4, limit_val_batches=0).fit(setup, datamodule=datamodule)
+    torch.testing.assert_close(ph(batch["ph"]), F.normalize(batch["ph"], dim=1))
+    tx.eval()
+    assert (tx(batch["tx"]) - start).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("setup", ["cross_modal", "simclr"])
+def test_models_built_with_the_default_loss_each_own_a_real_loss(setup):
+    """The default loss is a jsonargparse lazy_instance made once, with the class: each model must get its own
+    object of the real class (a deep copy of the lazy instance still ran the first model's loss, so a second
+    model trained the first one's temperature and, under DDP, left its own loss parameters unused)."""
+    from unimodality.plugins.losses.clip import ClipLoss
+    from unimodality.plugins.losses.ntxent import NTXentLoss
+    from unimodality.plugins.setups.cross_modal import CrossModalSetup
+    from unimodality.plugins.setups.simclr import SimCLRSetup
+
+    cls, loss_cls = (CrossModalSetup, ClipLoss) if setup == "cross_modal" else (SimCLRSetup, NTXentLoss)
+    first, second = cls(), cls()
+    assert type(first.loss) is loss_cls and type(second.loss) is loss_cls
+    assert first.loss is not second.loss
+    a, b = torch.nn.functional.normalize(torch.randn(2, 8, 4), dim=-1)
+    with torch.no_grad():
+        for p in first.loss.parameters():
+            p.add_(0.5)
+    if list(first.loss.parameters()):
+        assert not torch.equal(first.loss(a, b), second.loss(a, b))
+    scale = [p for p in second.loss.parameters() if p.requires_grad]
+    if scale:  # the second model's own parameter gets the gradient of its loss
+        second.loss(a, b).backward()
+        assert all(p.grad is not None for p in scale)

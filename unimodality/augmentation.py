@@ -16,12 +16,12 @@ class Augmentation(RecordsInitArgs, nn.Module):
     ``(batch, features)`` by default, images ``(batch, channels, height, width)`` for subclasses that set
     ``ndim = 4`` (the class attributes ``ndim`` and ``input_shape`` say what one accepts). ``forward``
     transforms only in training mode and is the identity in eval mode, so a model never augments what it
-    validates on or embeds by accident; :meth:`augment` always transforms
+    validates on or embeds by accident; `augment` always transforms
     (a setup calls it explicitly where it wants augmented views outside training, e.g. a validation loss).
 
     Each sample is transformed with probability ``p``, drawn independently per sample. Randomness comes
     from torch's generator on the input's device, so ``seed_everything`` makes runs reproducible.
-    Subclasses implement :meth:`transform`, given the whole batch and the boolean mask of samples to change.
+    Subclasses implement `transform`, given the whole batch and the boolean mask of samples to change.
 
     Args:
         p: probability that a sample is transformed.

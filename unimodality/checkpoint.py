@@ -54,7 +54,7 @@ def load_file(path: str | Path, trust: bool = False) -> Any:
 
 def read_checkpoint(path: str | Path, expected: type | None = None, trust: bool = False) -> dict[str, Any]:
     """The content of a checkpoint file, checked: readable, tensors and containers only (unless
-    ``trust``), a format this version understands, only classes :mod:`unimodality.trust` accepts and, with
+    ``trust``), a format this version understands, only classes `unimodality.trust` accepts and, with
     ``expected``, a model of that class (or a subclass)."""
     checkpoint = load_file(path, trust=trust)
     check_checkpoint(checkpoint, path, expected)
@@ -96,7 +96,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A run killed mid-write (preemption, out-of-memory, SIGKILL) leaves the previous checkpoint intact and
     loadable instead of a truncated file under its name; the file gets the umask's mode, a full disk is
-    reported as such, and temporary files of killed runs are removed (see :mod:`unimodality.files`).
+    reported as such, and temporary files of killed runs are removed (see `unimodality.files`).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:

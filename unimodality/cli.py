@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import sys
 import traceback
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,12 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from unimodality import registry, resume, run_lock, trust
+from unimodality import console, registry, resume, run_lock, selection, summary, trust
 from unimodality.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from unimodality.datamodule import DataModule
 from unimodality.errors import DataError
 from unimodality.outputs import EmbeddingWriter, ResultsWriter
-from unimodality.parser import UnimodalityArgumentParser
+from unimodality.parser import UnimodalityArgumentParser, compose_configs
 from unimodality.paths import same_file
 from unimodality.plots import PlotCallback
 from unimodality.setup import NonFiniteLossError, Setup
@@ -41,10 +43,16 @@ Multimodal contrastive learning for biology.
 
   unimodality fit --config configs/clip.yaml                 train (on the bundled example data)
   unimodality validate --ckpt_path RUN/checkpoints/best.ckpt evaluate a checkpoint on its own data
+  unimodality test --ckpt_path RUN/checkpoints/best.ckpt     score it on the test split (results table)
   unimodality predict --ckpt_path CKPT --data.path FILE      embed a new .h5ad or table
   unimodality evaluate --config configs/evaluate/lincs.yaml  score embeddings against baselines
+  unimodality sweep configs/sweeps/clip_grid.yaml            train a grid of overrides, one run each
+  unimodality compare runs/clip_grid                         tabulate runs' metrics and differing options
   unimodality plugins                                        list the registered plugins
   unimodality example-data --out DIR                         write the example data files
+
+Commands: fit, validate, test, predict (options below), evaluate, sweep, compare, plugins, example-data; each
+takes --help.
 """
 
 
@@ -52,7 +60,10 @@ class RunConfigCallback(SaveConfigCallback):
     """Writes the resolved config into the run directory when training (not for evaluation runs)."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
+        if stage == "fit" and trainer.log_dir is None and trainer.loggers:  # e.g. MLFlowLogger alone, to a server
+            print(f"unimodality fit: no config.yaml written: the first logger ({type(trainer.loggers[0]).__name__}) "
+                  "has no local directory; put a CSVLogger first (docs/tracking.md)", file=sys.stderr, flush=True)
+        elif stage == "fit":
             super().setup(trainer, pl_module, stage)
 
 
@@ -67,18 +78,6 @@ class UnimodalityCLI(LightningCLI):
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
                     "init_args": {"save_dir": "runs", "name": "unimodality"},
                 },
-                # two checkpoints: the best on val/loss, and the latest epoch. (Lightning's save_last only
-                # rewrites last.ckpt when a new best is saved, so it is not the last epoch's weights.)
-                "trainer.callbacks": [
-                    {
-                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                        "init_args": {"filename": "best", "monitor": "val/loss", "mode": "min"},
-                    },
-                    {
-                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                        "init_args": {"filename": "last", "monitor": None, "enable_version_counter": False},
-                    },
-                ],
             }
         )
         parser.add_argument(
@@ -86,6 +85,40 @@ class UnimodalityCLI(LightningCLI):
             help="Read checkpoints with weights_only=False: any pickled object in them is loaded, which can run "
             "code. Only for checkpoints of a known origin; unimodality warns when it does so.",
         )
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("fit", "predict"):  # validate/test have Lightning's --verbose (the results table)
+            parser.add_argument(
+                "--verbose", type=bool, default=False,
+                help="Show Lightning's messages too (its tips, the accelerators it did not find, library "
+                "warnings); or set UNIMODALITY_VERBOSE=1 for any command.",
+            )
+        if subcommand == "fit":
+            # best.ckpt and last.ckpt are added by instantiate_trainer, not listed in trainer.callbacks: a config
+            # that sets trainer.callbacks (or --trainer.callbacks) then cannot drop last.ckpt by accident
+            parser.add_argument(
+                "--checkpoint.monitor", type=str | None, default=selection.AUTO,
+                help="The validation metric best.ckpt is chosen by: auto (val/pert/mrr for cross-modal setups, "
+                "the smallest-k val/recall@k for single-modality ones, else val/loss), any logged val/... name, "
+                "or none for no best.ckpt. checkpoints/last.ckpt (the last epoch) is always kept.",
+            )
+            parser.add_argument(
+                "--checkpoint.mode", type=typing.Literal["min", "max"] | None, default=None,
+                help="Whether best is the lowest (min) or highest (max) value; by default min for a loss, max "
+                "for anything else.",
+            )
+        else:
+            # evaluating a checkpoint writes next to it, or where --trainer.logger says: no runs/unimodality/
+            # version_<n> folder in the working directory, and no checkpoint callback (Lightning's default one
+            # would restore the fit's state and warn that its dirpath changed)
+            parser.set_defaults({"trainer.logger": False, "trainer.enable_checkpointing": False})
+        return parser
+
+    def _set_seed(self) -> None:
+        if self.subcommand in EVALUATION and self._get(self.config, "seed_everything") is True:
+            return  # no seed was asked for; evaluation draws its augmentations from fixed seeds anyway
+        super()._set_seed()
 
     def _parse_ckpt_path(self) -> None:
         # the model (and data) config was read from the checkpoint *before* parsing (see main), so that
@@ -95,6 +128,8 @@ class UnimodalityCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand is None:
             return
+        verbose = self.subcommand in ("fit", "predict") and bool(self.config[self.subcommand].get("verbose"))
+        console.quiet(verbose or bool(os.environ.get("UNIMODALITY_VERBOSE")), self.subcommand in EVALUATION)
         # before anything is imported or called: a config names plugins and the expected interfaces only
         trust.check_config(self.config.get(self.subcommand), "the config (--config files and options)")
         _check_strategy_available(self._get(self.config, "trainer", default={}), self.subcommand)
@@ -125,10 +160,11 @@ class UnimodalityCLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a killed run leaves no truncated checkpoint
         if self.subcommand == "predict":
             trainer.callbacks.append(EmbeddingWriter())
-        if self.subcommand == "test":
-            trainer.callbacks.append(ResultsWriter())  # test_results*.csv/json in the run directory
+        if self.subcommand in ("validate", "test"):
+            trainer.callbacks.append(ResultsWriter(stage="val" if self.subcommand == "validate" else "test"))
         if self.subcommand == "fit":
             trainer.callbacks.append(resume.SigtermCheckpoint())  # a killed run saves where it was, exits 143
+            trainer.callbacks.append(summary.ValidationHistory())
         if self.subcommand in ("fit", "test"):
             trainer.callbacks.append(PlotCallback())  # PNGs in <run dir>/plots (skipped without matplotlib)
         if self.run_dir is not None and resume.slurm_job_id():
@@ -136,6 +172,19 @@ class UnimodalityCLI(LightningCLI):
         if trainer.fast_dev_run:  # a smoke test: leave no checkpoint behind (Lightning would save last.ckpt)
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
         return trainer
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
+        if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
+            given = config.get("callbacks") or []
+            given = given if isinstance(given, list) else [given]
+            options = self.config[self.subcommand].get("checkpoint") or {}
+            callbacks = [*callbacks, *selection.fit_checkpoints(
+                options.get("monitor", selection.AUTO), options.get("mode"), [*given, *callbacks])]
+        if config.get("enable_progress_bar") is not False and not console.on_terminal():
+            callbacks = [*callbacks, console.EpochLines()]  # a log file: a line per epoch, no carriage returns
+        if self.subcommand == "fit":
+            callbacks = [*callbacks, selection.ValidationSwitch()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _fixed_run_dir(self) -> Path | None:
         """The run directory when it is known before training, i.e. the logger's version is fixed (given, or
@@ -157,28 +206,44 @@ class UnimodalityCLI(LightningCLI):
                 "--weights_only false unpickles any object a checkpoint holds, which can run code: it is refused "
                 "unless you also pass --trust_checkpoint true (for checkpoints of a known origin)"
             )
-        if trusted and "weights_only" in self._subcommand_method_arguments[subcommand]:
-            kwargs["weights_only"] = False
+        if "weights_only" in self._subcommand_method_arguments[subcommand]:
+            # Lightning's own read of --ckpt_path (after ours) is tensors-only too, unless trusted: unset, it
+            # would unpickle the file in full (and say so)
+            kwargs["weights_only"] = not trusted
         return kwargs
 
-    def _lock_run_directory(self) -> None:
+    def _lock_run_directory(self) -> tuple[Path, Path] | None:
         """Hold the run directory for this fit (one process per run directory); an automatically numbered
-        version is claimed first, so two runs started together get two directories."""
+        version is claimed first, so two runs started together get two directories. Returns what this fit
+        created (the run directory, or the outermost folder made for it) and the run directory, to remove
+        again if the fit fails before saving a checkpoint; ``None`` when it created nothing."""
         logger = self.trainer.logger
         if rank_zero_only.rank != 0 or self.trainer.fast_dev_run or logger is None or logger.log_dir is None:
-            return
+            return None
+        created = _first_missing(Path(logger.log_dir))
         if getattr(logger, "_version", "") is None and hasattr(logger, "_get_next_version"):
+            above = _first_missing(Path(logger.root_dir))
             for _ in range(1000):
                 name = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
                 if run_lock.claim_new_directory(Path(logger.root_dir), name):
+                    created = above or (Path(logger.root_dir) / name).absolute()
                     break
                 logger._version = None  # taken by a run started at the same moment: the next number
         run_lock.lock_run_directory(
             logger.log_dir, hint=", or give this one another directory (--trainer.logger.init_args.version)"
         )
+        return (created, Path(logger.log_dir)) if created is not None else None
 
     def fit(self, model: LightningModule, datamodule: Any = None, ckpt_path: str | None = None, **kwargs: Any):
-        self._lock_run_directory()
+        created = self._lock_run_directory()
+        try:
+            self._fit(model, datamodule, ckpt_path, **kwargs)
+        except Exception:
+            if created is not None:
+                run_lock.remove_failed_run(*created)  # a fit that failed (bad data...) leaves no empty run behind
+            raise
+
+    def _fit(self, model: LightningModule, datamodule: Any, ckpt_path: str | None, **kwargs: Any) -> None:
         # a run directory that already holds a checkpoint (a requeued Slurm job, or a run started again with
         # the same --trainer.logger.init_args.version) is continued, not overwritten; --ckpt_path overrides
         if ckpt_path is None and self.run_dir is not None:
@@ -210,7 +275,14 @@ class UnimodalityCLI(LightningCLI):
 
     def after_fit(self) -> None:
         log_dir = self.trainer.log_dir  # a collective call under DDP: every rank takes part
-        if not self.trainer.is_global_zero or log_dir is None:  # no logger, e.g. fast_dev_run
+        if not self.trainer.is_global_zero:
+            return
+        history = next((c for c in self.trainer.callbacks if isinstance(c, summary.ValidationHistory)), None)
+        best = next((c for c in self.trainer.checkpoint_callbacks if isinstance(c, selection.BestCheckpoint)), None)
+        lines = summary.fit_summary(history, best, selection.validates(self.trainer)) if history else []
+        if lines:
+            print("\nValidation summary:\n" + "\n".join(lines), flush=True)
+        if log_dir is None:  # no logger, e.g. fast_dev_run
             return
         lines = [f"\nRun directory: {log_dir}"]
         for checkpoint in self.trainer.checkpoint_callbacks:
@@ -225,6 +297,16 @@ class UnimodalityCLI(LightningCLI):
         written = getattr(datamodule, "written", None)
         if written is not None and self.trainer.is_global_zero:
             print(f"\nEmbeddings written to {written}", flush=True)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what creating ``path`` creates)."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
 
 
 def _logger_configs(config: Any) -> list[Any]:
@@ -288,7 +370,7 @@ def checkpoint_arguments(args: list[str]) -> list[str]:
     """For validate/test/predict with ``--ckpt_path``, prepend the model (and data) config it records.
 
     Put first, they are defaults: a later ``--config`` or ``--model.*``/``--data.*`` option overrides them.
-    Predict defaults to :class:`EmbedDataModule`, which reads a new file the way the model was trained.
+    Predict defaults to `EmbedDataModule`, which reads a new file the way the model was trained.
     """
     if not args or args[0] not in EVALUATION:
         return args
@@ -321,6 +403,30 @@ def checkpoint_arguments(args: list[str]) -> list[str]:
     return [args[0], *injected, *args[1:]]
 
 
+def nested_help_arguments(args: list[str]) -> list[str]:
+    """``fit --model.encoders.help MLPEncoder`` (what ``--model.help`` suggests) names no setup class, which
+    jsonargparse needs first: put the first registered setup (datamodule for ``--data.*``) that takes that
+    parameter before it. Arguments that name the class already (``--model``, ``--config``) are left alone."""
+    import inspect
+
+    out = list(args)
+    for i, arg in enumerate(args):
+        match = re.match(r"--(model|data)\.(?:init_args\.)?(\w+)(?:\.[\w.]+)?\.help(=|$)", arg)
+        if not match:
+            continue
+        root, parameter = match.group(1), match.group(2)
+        before = args[:i]
+        if any(a in ("--config", "-c", f"--{root}") or a.startswith(("--config=", f"--{root}=")) for a in before):
+            continue
+        group = "setups" if root == "model" else "datamodules"
+        # the plainest name first (CrossModalSetup before its variants)
+        for name, plugins in sorted(registry.registered(group).items(), key=lambda item: (len(item[0]), item[0])):
+            if parameter in inspect.signature(plugins[0].cls.__init__).parameters:
+                out.insert(out.index(arg), f"--{root}={name}")
+                break
+    return out
+
+
 def _check_model_option(args: list[str], checkpoint: dict[str, Any], ckpt_path: str) -> None:
     """``--model NAME`` naming a class other than the checkpoint's is refused before anything is built."""
     asked = _option(args, "--model")
@@ -336,15 +442,15 @@ def _check_model_option(args: list[str], checkpoint: dict[str, Any], ckpt_path: 
 
 
 def _check_config_files(args: list[str]) -> None:
-    """Each ``--config`` file must be valid YAML naming only classes :mod:`unimodality.trust` accepts: say
+    """Each ``--config`` file must be valid YAML naming only classes `unimodality.trust` accepts: say
     which file and where, before jsonargparse parses it."""
     import yaml
 
     for i, arg in enumerate(args):
         value = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else (
             arg.split("=", 1)[1] if arg.startswith("--config=") else None)
-        if value is None or not Path(value).is_file():
-            continue
+        if value is None or len(value) > 4096 or value.lstrip().startswith(("{", "[")) or not Path(value).is_file():
+            continue  # a config given as a YAML/JSON string (e.g. by unimodality.fit): checked once parsed
         try:
             config = yaml.safe_load(Path(value).read_text())
         except yaml.YAMLError as error:
@@ -408,11 +514,14 @@ p-values, cross-modal retrieval, kNN and linear probes. See docs/evaluating.md.
   unimodality evaluate --inputs cells.h5ad --embedding X_unimodality --labels cell_type --output runs/eval
   unimodality evaluate --inputs screen/ --embedding runs/x/checkpoints/best.ckpt --perturbation gene \\
       --batch plate --control non-targeting --evaluators '[KnownRelationshipRecall, ReplicateRetrievalMAP]'
+
+A checkpoint --embedding is read as predict reads one: tensors and plain containers only, the classes it
+names checked; --trust_checkpoint true (only for files of a known origin) unpickles anything else.
 """
 
 
 def _evaluate(args: list[str]) -> None:
-    """``unimodality evaluate``: the options of :func:`unimodality.evaluation.evaluate`, from YAML or the
+    """``unimodality evaluate``: the options of `unimodality.evaluation.evaluate`, from YAML or the
     command line; writes the report into ``--output`` and prints it."""
     from jsonargparse import ActionConfigFile
 
@@ -427,9 +536,19 @@ def _evaluate(args: list[str]) -> None:
                         "is one dataset")
     parser.add_argument("--output", type=str, default="runs/evaluate",
                         help="folder of the report: evaluation.csv/.json, details/, plots/")
+    parser.add_argument("--weights_only", type=bool | None, default=None,
+                        help="as for predict: false reads a checkpoint --embedding with "
+                        "torch.load(weights_only=False), which can run code; refused unless --trust_checkpoint true")
     parser.add_function_arguments(evaluation.evaluate, skip={"data", "output"})
     config = parser.instantiate_classes(parser.parse_args(args))
-    options = {key: value for key, value in vars(config).items() if key not in ("config", "inputs", "__path__")}
+    options = {key: value for key, value in vars(config).items()
+               if key not in ("config", "inputs", "weights_only", "__path__")}
+    # the trust model of predict (see UnimodalityCLI._prepare_subcommand_kwargs): unpickling needs consent
+    if config.weights_only is False and not config.trust_checkpoint:
+        raise CheckpointError(
+            "--weights_only false unpickles any object a checkpoint holds, which can run code: it is refused "
+            "unless you also pass --trust_checkpoint true (for checkpoints of a known origin)"
+        )
     table = evaluation.evaluate(config.inputs, **options)
     print(evaluation.format_table(table))
     for note in table.attrs.get("notes", []):
@@ -437,26 +556,53 @@ def _evaluate(args: list[str]) -> None:
     print(f"\nEvaluation written to {Path(config.output) / 'evaluation.csv'} (and .json, details/, plots/)", flush=True)
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None, callbacks: list[Any] | None = None) -> None:
     """Entry point of the ``unimodality`` command.
 
     A user error (bad data, a bad checkpoint, an invalid setting, a diverged run) ends the command with one
     message and exit status 1; a traceback is kept for bugs, or shown for every error with
     ``UNIMODALITY_DEBUG=1``.
+
+    Args:
+        args: the command line after ``unimodality`` (default: ``sys.argv[1:]``).
+        callbacks: Lightning callbacks (Python objects) to add to the trainer's, e.g. a sweep's pruning
+            callback; they are not part of the run's ``config.yaml``.
     """
     subcommand = (args if args is not None else sys.argv[1:])[:1]
     try:
-        _main(args)
+        _main(args, callbacks)
     except Exception as error:
         cause = _user_error_in(error)
-        if os.environ.get("UNIMODALITY_DEBUG") or cause is None:
+        missing = _missing_extra(error)
+        if os.environ.get("UNIMODALITY_DEBUG") or (cause is None and missing is None):
             raise
-        _exit_with_error(subcommand[0] if subcommand else None, str(cause), status=1)
+        _exit_with_error(subcommand[0] if subcommand else None, missing or str(cause), status=1)
     finally:
         # leave no process group for interpreter shutdown: gloo's threads can then abort the process
         # ("terminate called without an active exception") after a distributed run
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+#: optional packages a class of a config may need: the extra of unimodality that installs them
+EXTRAS = {"tensorboard": "tensorboard", "tensorboardX": "tensorboard", "matplotlib": "plots", "ot": "ot",
+          "deepspeed": "deepspeed", "rdkit": "molecules", "torch_geometric": "molecules"}
+
+
+def _missing_extra(error: BaseException) -> str | None:
+    """One line for a class that needs an optional package that is not installed (Lightning's
+    ``TensorBoardLogger`` without tensorboard, say), naming the extra that installs it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ModuleNotFoundError):
+            text = str(error)
+            name = error.name or next((n for n in EXTRAS if f"`{n}`" in text or f"'{n}'" in text), None)
+            if name in EXTRAS:
+                return (f"this needs the {name} package, which is not installed: pip install "
+                        f'"unimodality[{EXTRAS[name]}]" (or pip install {name})')
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _user_error_in(error: BaseException) -> BaseException | None:
@@ -484,21 +630,34 @@ def is_user_error(error: BaseException) -> bool:
     return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(package)
 
 
-def _main(args: list[str] | None) -> None:
+def _main(args: list[str] | None, callbacks: list[Any] | None = None) -> Any:
     from_command_line = args is None
     args = list(sys.argv[1:] if args is None else args)
-    registry.load_plugins()
+    if not _only_help(args):  # help names no class: it need not import every plugin (and what they import)
+        registry.load_plugins()
     if args[:1] == ["plugins"]:
         return _print_plugins()
     if args[:1] == ["example-data"]:
         return _example_data(args[1:])
     if args[:1] == ["evaluate"]:
         return _evaluate(args[1:])
+    if args[:1] == ["sweep"]:
+        from unimodality import sweep
+
+        return sweep.main(args[1:])
+    if args[:1] == ["compare"]:
+        from unimodality import compare
+
+        return compare.main(args[1:])
     _check_config_files(args)
+    if sum(arg in ("--config", "-c") or arg.startswith("--config=") for arg in args) > 1:
+        args = compose_configs(args)
+    if any(arg.endswith(".help") or ".help=" in arg for arg in args):
+        args = nested_help_arguments(args)
     if from_command_line:
         # rewritten in place: DDP launches its worker processes with this same command line
         sys.argv[1:] = checkpoint_arguments(args)
-    UnimodalityCLI(
+    return UnimodalityCLI(  # the CLI object: unimodality.api.fit reads its trainer
         Setup,
         DataModule,
         subclass_mode_model=True,
@@ -509,7 +668,15 @@ def _main(args: list[str] | None) -> None:
         auto_configure_optimizers=False,
         parser_kwargs={"description": DESCRIPTION, "formatter_class": _raw_formatter()},
         args=None if from_command_line else checkpoint_arguments(args),
+        # Python objects (e.g. a sweep's pruning callback) beside the config's callbacks, not in config.yaml
+        trainer_defaults={"callbacks": callbacks} if callbacks else None,
     )
+
+
+def _only_help(args: list[str]) -> bool:
+    """Whether the command line asks for the help of a command and nothing else (``--help``, ``fit -h``)."""
+    return bool(args) and args[-1] in ("-h", "--help") and all(
+        a in ("-h", "--help", "fit", "validate", "test", "predict") for a in args)
 
 
 def _raw_formatter():

@@ -65,7 +65,7 @@ def make_example_data(
 ) -> dict[str, Path]:
     """Write ``transcriptomics.h5ad`` (CSR counts), ``phenomics.parquet`` and ``phenomics_images.npy``
     (uint8 images ``(wells, 5, image_size, image_size)``, one per row of the table) into ``out_dir``, and
-    the same perturbations as research teams' files have them (see :func:`embeddings_format`):
+    the same perturbations as research teams' files have them (see `embeddings_format`):
     ``embeddings_transcriptomics.h5ad`` and ``embeddings_phenomics.parquet``.
 
     Files are written under temporary names and renamed, so concurrent callers (several DDP ranks) and

@@ -1,7 +1,7 @@
 """Writing a file whole or not at all: a temporary file beside it, renamed into place once complete.
 
 Every file unimodality creates (checkpoints, predict outputs and shards, test results, the streaming cache)
-is written through :func:`atomic_path`. The temporary file is named ``.<name>.<host>-<pid>.unimodality-tmp``
+is written through `atomic_path`. The temporary file is named ``.<name>.<host>-<pid>.unimodality-tmp``
 (plus the name's suffix where a writer needs it), so a leftover says which run on which machine left it;
 before a target is written, the leftovers of the same target by processes of this host that are no longer
 alive are removed. A full disk is reported as such, with the previous file left as it was.
@@ -81,7 +81,7 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     The temporary file is created before it is yielded, with mode ``0o666`` less the umask (what the
     kernel gives any new file, unlike ``mkstemp``'s ``0o600``); a writer that truncates it keeps that
     mode. On any error it is removed and ``target`` is left as it was; a full disk raises a
-    :class:`DataError` saying so.
+    `DataError` saying so.
 
     Args:
         target: the file to write.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -54,3 +54,182 @@ class ContrastiveLoss(RecordsInitArgs, nn.Module):
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # float64 stays (reference tests)
+
+
+# -- helpers shared by the softmax losses: no dense target, at most one B x B matrix kept ------------------
+#: elements of one temporary block of `contrast_terms` (256 KiB in fp32): bounds its extra memory
+BLOCK_ELEMENTS = 2**16
+#: fewest rows of a block: each block's matrix products read the whole other side, so thin blocks are slow
+MIN_BLOCK_ROWS = 128
+
+
+def group_index(group: torch.Tensor | None, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense id ``0..G-1`` of each row's group and the size of every group.
+
+    Args:
+        group: ``(n,)`` perturbation ids (any integers), or ``None``: every row is its own group.
+        n: number of rows.
+        device: where the results live.
+
+    Returns:
+        ``(index, counts)``: ``(n,)`` long and ``(G,)`` long.
+    """
+    if group is None:
+        return torch.arange(n, device=device), torch.ones(n, dtype=torch.long, device=device)
+    _, index, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    return index, counts
+
+
+def group_sums(x: torch.Tensor, index: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``(G, d)`` sum of the rows of ``x`` in each group (differentiable; ``O(n d)``, no ``n x n`` mask).
+
+    Args:
+        x: ``(n, d)`` rows.
+        index: ``(n,)`` dense group ids in ``0..n_groups-1`` (see `group_index`).
+        n_groups: ``G``.
+    """
+    return x.new_zeros(n_groups, x.shape[1]).index_add(0, index, x)
+
+
+def _row_blocks(rows: int, columns: int) -> int:
+    """Rows per block of a ``rows x columns`` matrix."""
+    return max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(1, columns))
+
+
+class ContrastTerms(NamedTuple):
+    """What a softmax contrastive loss needs of its logits ``l = scale * a @ b.T`` (see `contrast_terms`)."""
+
+    #: ``(n,)`` logsumexp of each row
+    rows: torch.Tensor
+    #: ``(m,)`` logsumexp of each column (``None`` when not asked for, or symmetric)
+    columns: torch.Tensor | None
+    #: scalar ``sum_g w_g * (sum of l_ij over the pairs i, j of group g)``
+    positive: torch.Tensor
+
+
+class _ContrastTerms(torch.autograd.Function):
+    """Forward and analytic backward of `contrast_terms`; keeps only the logits (and the inputs)."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, index, weights, need_columns):  # noqa: ANN001, ANN205 (autograd API)
+        symmetric = b is None
+        other = a if symmetric else b
+        logits = (scale * a) @ other.T
+        if symmetric:
+            logits.fill_diagonal_(float("-inf"))  # a view is neither its own negative nor its own positive
+        step = _row_blocks(*logits.shape)
+        rows = logits.new_empty(len(a))
+        for start in range(0, len(a), step):  # block by block: the exp temporaries stay one block
+            rows[start:start + step] = torch.logsumexp(logits[start:start + step], dim=1)
+        columns = None
+        if need_columns:
+            top = logits.amax(dim=0)
+            top = top.masked_fill(top.isinf(), 0.0)
+            total = logits.new_zeros(logits.shape[1])
+            for start in range(0, len(a), step):
+                total += (logits[start:start + step] - top).exp_().sum(dim=0)
+            columns = total.log_() + top
+        positive = scale * _positive_sum(a, other, index, weights, symmetric)
+        ctx.save_for_backward(a, other, scale, logits, rows, columns if need_columns else rows, index, weights)
+        ctx.symmetric, ctx.need_columns = symmetric, need_columns
+        ctx.set_materialize_grads(False)  # an unused output gets no gradient: its softmax is not computed
+        if columns is None:
+            columns = rows.new_zeros(0)
+            ctx.mark_non_differentiable(columns)
+        return rows, columns, positive
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows, grad_columns, grad_positive):  # noqa: ANN001, ANN205
+        a, b, scale, logits, rows, columns, index, weights = ctx.saved_tensors
+        symmetric = ctx.symmetric
+        grad_a = torch.zeros_like(a)  # returned as they are: no further copies
+        grad_b = grad_a if symmetric else torch.zeros_like(b)  # symmetric: both sides land in one gradient
+        use_columns = ctx.need_columns and grad_columns is not None
+        # d/dl_ij = g_i softmax_row(l)_ij + h_j softmax_column(l)_ij, one block of rows at a time
+        step = _row_blocks(*logits.shape)
+        buffer = logits.new_empty(min(step, len(a)), logits.shape[1]) if grad_rows is not None and use_columns \
+            else None
+        for start in range(0, len(a) if grad_rows is not None or use_columns else 0, step):
+            stop = min(start + step, len(a))
+            block = logits[start:stop]
+            if grad_rows is not None:
+                g = (block - rows[start:stop, None]).exp_().mul_(grad_rows[start:stop, None])
+                if use_columns:
+                    h = torch.sub(block, columns[None, :], out=buffer[:stop - start])
+                    g.add_(h.exp_().mul_(grad_columns[None, :]))
+            else:
+                g = (block - columns[None, :]).exp_().mul_(grad_columns[None, :])
+            grad_a[start:stop].addmm_(g, b)
+            grad_b.addmm_(g.T, a[start:stop])
+        # sum_ij G_ij a_i . b_j = a . (G b); symmetric: both sides were summed into one gradient, so half
+        grad_scale = torch.vdot(a.reshape(-1), grad_a.reshape(-1)) / (2 if symmetric else 1)
+        grad_a.mul_(scale)
+        if not symmetric:
+            grad_b.mul_(scale)
+        if grad_positive is not None:
+            grad_scale = grad_scale + grad_positive * _positive_sum(a, b, index, weights, symmetric)
+            _add_positive_grad(grad_a, grad_b, a, b, index, weights, symmetric, grad_positive * scale)
+        return grad_a, (None if symmetric else grad_b), grad_scale.reshape(scale.shape), None, None, None
+
+
+def _positive_sum(a, b, index, weights, symmetric):  # noqa: ANN001, ANN202
+    if index is None:  # every row its own group, weight 1: the diagonal
+        return torch.vdot(a.reshape(-1), b.reshape(-1))
+    n_groups = len(weights)
+    sums_a = group_sums(a, index, n_groups)
+    sums_b = sums_a if symmetric else group_sums(b, index, n_groups)
+    total = ((sums_a * sums_b).sum(dim=1) * weights).sum()
+    if symmetric:  # the pairs (i, i) are not positives
+        total = total - torch.einsum("ij,ij,i->", a, a, weights[index])
+    return total
+
+
+def _add_positive_grad(grad_a, grad_b, a, b, index, weights, symmetric, factor):  # noqa: ANN001, ANN202
+    """``grad += factor * d(positive sum)/d(input)``, in place, with temporaries of one block of rows."""
+    if index is None:
+        grad_a.addcmul_(b, factor)
+        grad_b.addcmul_(a, factor)
+        return
+    n_groups, step = len(weights), _row_blocks(len(a), a.shape[1])
+    coef = weights * factor * (2 if symmetric else 1)  # symmetric: z_i is on both sides of its pairs
+    sums_a = group_sums(a, index, n_groups) * coef[:, None]
+    sums_b = sums_a if symmetric else group_sums(b, index, n_groups) * coef[:, None]
+    for start in range(0, len(a), step):
+        rows = index[start:start + step]
+        grad_a[start:start + step] += sums_b[rows]
+        if symmetric:
+            grad_a[start:start + step].addcmul_(a[start:start + step], coef[rows, None], value=-1)
+        else:
+            grad_b[start:start + step] += sums_a[rows]
+
+
+def contrast_terms(
+    a: torch.Tensor, b: torch.Tensor | None, scale: torch.Tensor, index: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None, columns: bool = True,
+) -> ContrastTerms:
+    """The terms of a softmax contrastive loss on ``l = scale * a @ b.T``, with exact gradients.
+
+    ``rows``/``columns``: logsumexp over each row/column (the negatives' side of InfoNCE); ``positive``:
+    ``sum_g w_g * sum_{i, j in g} l_ij`` (the positives' side), from group sums in ``O(n d)``, without an
+    ``n x n`` mask. Only the logits are kept for backward, and every temporary is a block of
+    `BLOCK_ELEMENTS` elements: memory is that of one ``n x m`` matrix. No dense target, no
+    transposed copy, no softmax matrices kept by autograd. Twice differentiating is not supported.
+
+    Args:
+        a: ``(n, d)`` rows.
+        b: ``(m, d)`` columns, or ``None``: ``b = a`` and the diagonal ``i = j`` is excluded from every
+            sum (NT-Xent: a view is neither its own negative nor its own positive); ``columns`` is then
+            not computed (it equals ``rows``).
+        scale: scalar tensor multiplying the dot products (an inverse temperature).
+        index: ``(n,)`` dense group ids (see `group_index`); ``None``: each row ``i`` pairs with
+            column ``i`` only, weight 1 (then ``b`` is required).
+        weights: ``(G,)`` weight ``w_g`` of each group's pairs (with ``index``).
+        columns: also compute the column logsumexps.
+    """
+    scale = torch.as_tensor(scale, dtype=a.dtype, device=a.device)
+    if (index is None) != (weights is None) or (b is None and index is None):
+        raise ValueError("contrast_terms: give index and weights together (required when b is None)")
+    need_columns = columns and b is not None
+    rows, cols, positive = _ContrastTerms.apply(a, b, scale, index, weights, need_columns)
+    return ContrastTerms(rows, cols if need_columns else None, positive)

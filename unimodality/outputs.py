@@ -19,11 +19,9 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
-import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
@@ -31,6 +29,9 @@ from unimodality.batch import INDEX
 from unimodality.config import config_form
 from unimodality.errors import DataError
 from unimodality.files import atomic_write
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def check_output_path(output: str | Path, overwrite: bool = True) -> Path:
 
 def _atomic_write(output: Path, write: Callable[[Path], Any]) -> None:
     """Write through a temporary file in the same folder, renamed into place only once complete (see
-    :func:`unimodality.files.atomic_path`); the temporary name ends in the output's suffix, which some
+    `unimodality.files.atomic_path`); the temporary name ends in the output's suffix, which some
     writers need (``np.savez`` appends ``.npz`` otherwise)."""
     atomic_write(output, write, suffix=output.suffix)
 
@@ -92,7 +93,7 @@ def write_embeddings(
         rows: row numbers in the input file of the embedded rows.
         embedding: ``(len(rows), d)`` embeddings.
         output: ``.h5ad`` or ``.parquet`` path.
-        record: provenance (checkpoint, model config, date, version); see :func:`prediction_record`.
+        record: provenance (checkpoint, model config, date, version); see `prediction_record`.
         obs_index: whether ``metadata``'s index is an AnnData ``obs`` index (kept as ``obs_names``); by
             default, when ``input_path`` is an AnnData file.
     """
@@ -120,6 +121,7 @@ def write_embeddings(
         adata.uns[RECORD_KEY] = {key: _h5ad_value(value) for key, value in record.items()}
         _atomic_write(output, adata.write_h5ad)
     else:
+        import pandas as pd
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -139,6 +141,7 @@ def write_embeddings(
 def _copy_with_embedding(input_path: Path, tmp: Path, embedding: np.ndarray, record: dict[str, Any]) -> None:
     """The input ``.h5ad`` copied file to file, then the embedding and record written into the copy: the
     matrix is never loaded (files larger than memory)."""
+    import h5py  # imported when used: the command's --help need not pay for it
     from anndata.io import write_elem
 
     shutil.copyfile(input_path, tmp)
@@ -213,7 +216,7 @@ def merge_shards(folder: Path, world_size: int) -> tuple[np.ndarray, np.ndarray]
     dropped (the first copy is kept).
 
     Args:
-        folder: where :func:`write_shard` wrote the shards.
+        folder: where `write_shard` wrote the shards.
         world_size: number of processes; a missing shard is an error.
     """
     paths = [folder / f"rank{rank:05d}.npz" for rank in range(world_size)]
@@ -308,7 +311,8 @@ def run_directory(trainer: Trainer, prefer_checkpoint: bool = True) -> Path | No
         trainer: the trainer (its ``ckpt_path`` and loggers).
         prefer_checkpoint: the checkpoint's run directory first (evaluation); else the logger's (training).
     """
-    log_dir = Path(trainer.log_dir) if trainer.log_dir is not None else None
+    # with no logger Lightning's log_dir is default_root_dir, the working directory: not a run's directory
+    log_dir = Path(trainer.log_dir) if trainer.loggers and trainer.log_dir is not None else None
     ckpt_path = getattr(trainer, "ckpt_path", None)
     checkpoint_run = None
     if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
@@ -333,6 +337,8 @@ def results_table(metrics: dict[str, float], stage: str = "test") -> pd.DataFram
         metrics: logged values, e.g. ``{"test/pert/recall@1/tx->ph": 0.4, "test/pert/chance@1": 0.025}``.
         stage: the prefix to read (``test`` or ``val``).
     """
+    import pandas as pd
+
     prefix = f"{stage}/"
     ours = {key[len(prefix):]: float(value) for key, value in metrics.items() if key.startswith(prefix)}
     rows = []
@@ -368,22 +374,41 @@ def results_table(metrics: dict[str, float], stage: str = "test") -> pd.DataFram
 
 
 class ResultsWriter(Callback):
-    """After ``test``: the results table (:func:`results_table`) as CSV and JSON in the run directory
-    (:func:`run_directory`): ``test_results.csv`` / ``.json``, or ``test_results_<checkpoint name>.*`` when
-    testing a checkpoint (so testing ``best`` and ``last`` keeps both)."""
+    """After ``test`` (or ``validate``): the results table (`results_table`) as CSV and JSON in the run
+    directory (`run_directory`, else the checkpoint's folder): ``test_results.csv`` / ``.json``, or
+    ``test_results_<checkpoint name>.*`` when testing a checkpoint (so testing ``best`` and ``last`` keeps
+    both); ``val_results*`` for ``validate``.
 
-    def __init__(self) -> None:
+    Args:
+        stage: ``test`` or ``val``: the metrics (``test/...``, ``val/...``) and the files' prefix.
+    """
+
+    def __init__(self, stage: str = "test") -> None:
+        if stage not in ("test", "val"):
+            raise ValueError(f"ResultsWriter: stage must be 'test' or 'val', got {stage!r}")
+        self.stage = stage
         self.written: list[Path] = []
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.stage == "test":
+            self._write(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.stage == "val" and not trainer.sanity_checking:
+            self._write(trainer)
+
+    def _write(self, trainer: Trainer) -> None:
         folder = run_directory(trainer)  # collective: every process takes part
+        if folder is None and trainer.ckpt_path and os.access(Path(trainer.ckpt_path).resolve().parent, os.W_OK):
+            folder = Path(trainer.ckpt_path).resolve().parent  # a checkpoint outside a run directory: beside it
         if not trainer.is_global_zero or folder is None:
             return
-        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("test/")}
+        prefix = f"{self.stage}/"
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith(prefix)}
         if not metrics:
             return
-        stem = "test_results" + (f"_{Path(trainer.ckpt_path).stem}" if trainer.ckpt_path else "")
-        table = results_table(metrics, "test")
+        stem = f"{self.stage}_results" + (f"_{Path(trainer.ckpt_path).stem}" if trainer.ckpt_path else "")
+        table = results_table(metrics, self.stage)
         from unimodality import __version__
 
         document = {
@@ -397,4 +422,5 @@ class ResultsWriter(Callback):
         _atomic_write(csv, lambda tmp: table.to_csv(tmp, index=False))
         _atomic_write(js, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
         self.written = [csv, js]
-        print(f"\nTest results written to {csv} and {js.name}", flush=True)
+        what = "Validation" if self.stage == "val" else "Test"
+        print(f"\n{what} results written to {csv} and {js.name}", flush=True)

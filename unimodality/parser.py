@@ -520,3 +520,77 @@ def _import(path: str) -> Any:
 
 
 _install_class_switch_hook()
+
+
+# -- configs given one after the other: dicts of named classes merge ---------------------------------------
+
+def compose_configs(args: list[str]) -> list[str]:
+    """``--config base.yaml --config more.yaml``: jsonargparse merges nested settings but *replaces* a dict
+    setting such as ``data.init_args.modalities`` or ``model.init_args.encoders``, so a second config naming
+    one modality would drop the others (while ``--data.init_args.modalities.ph...`` on the command line
+    merges). Here a later config's dicts of named classes (every value a mapping with ``class_path``) are
+    completed with the entries of the earlier configs: same name, same class -> their settings merge (the
+    later wins); another class -> the later entry replaces it. Returns the arguments with each such later
+    config given as JSON text of what it sets."""
+    import json
+
+    import yaml
+
+    seen: dict[str, Any] = {}
+    out = list(args)
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if path is None or not Path(path).is_file():
+            continue
+        with contextlib.suppress(Exception):
+            config = yaml.safe_load(Path(path).read_text())
+            if not isinstance(config, dict):
+                continue
+            completed, changed = _complete_named(config, seen)
+            if changed:
+                text = json.dumps(completed)
+                if arg.startswith("--config="):
+                    out[i] = f"--config={text}"
+                else:
+                    out[i + 1] = text
+            seen = _merge(seen, config)
+    return out
+
+
+def _is_named(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(v, dict) and "class_path" in v for v in value.values())
+
+
+def _complete_named(config: dict[str, Any], earlier: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``config`` with its dicts of named classes completed from ``earlier``'s same dicts."""
+    changed = False
+    out = dict(config)
+    for key, value in config.items():
+        before = earlier.get(key) if isinstance(earlier, dict) else None
+        if _is_named(value) and _is_named(before):
+            out[key] = {**before, **{name: _merge(before.get(name), entry) for name, entry in value.items()}}
+            changed = changed or set(before) - set(value) != set() or out[key] != value
+        elif isinstance(value, dict) and isinstance(before, dict):
+            out[key], sub = _complete_named(value, before)
+            changed = changed or sub
+    return out, changed
+
+
+def _merge(before: Any, after: Any) -> Any:
+    """``after`` over ``before``: mappings merge key by key, except a class setting whose ``class_path``
+    changes (the new class starts from its own defaults, as on the command line); anything else replaces."""
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return after
+    if "class_path" in before and "class_path" in after and _short_name(before["class_path"]) != _short_name(
+            after["class_path"]):
+        return after
+    merged = dict(before)
+    for key, value in after.items():
+        merged[key] = _merge(before.get(key), value)
+    return merged
+
+
+def _short_name(class_path: Any) -> str:
+    return str(class_path).rsplit(".", 1)[-1]

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device
@@ -82,7 +81,7 @@ def embedding_map(
         embeddings: ``{(modality, split): (n, d) array}``; all share one embedding space.
         path: the PNG to write.
         title: figure title.
-        method: see :func:`reduce_2d`.
+        method: see `reduce_2d`.
     """
     plt = _pyplot()
     keys = [key for key, value in embeddings.items() if len(value)]
@@ -140,6 +139,8 @@ def metric_curves(metrics_csv: Path, path: Path) -> Path | None:
         metrics_csv: the CSV file (one row per logging step, NaN where a metric was not logged).
         path: the PNG to write.
     """
+    import pandas as pd  # when plotting: the command's --help need not pay for it
+
     table = pd.read_csv(metrics_csv)
     panels = {}
     for title, names in CURVE_PANELS.items():
@@ -205,7 +206,7 @@ class PlotCallback(Callback):
     TensorBoard images.
 
     The embeddings are those the setup's last evaluation epoch collected (``last_evaluation``, see
-    :class:`~unimodality.plugins.setups.cross_modal.CrossModalSetup`); setups without it get the curves only.
+    `unimodality.plugins.setups.cross_modal.CrossModalSetup`); setups without it get the curves only.
 
     Args:
         max_points: at most this many rows per modality and split on the map.

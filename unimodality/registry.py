@@ -1,6 +1,6 @@
 """Plugin registry: entry-point groups mapped to the classes they export.
 
-Every plugin, built-in or third-party, is an entry point in one of :data:`GROUPS`. Loading them imports the
+Every plugin, built-in or third-party, is an entry point in one of `GROUPS`. Loading them imports the
 classes, which is all jsonargparse needs to resolve short class names (``loss: ClipLoss``) in configs.
 """
 

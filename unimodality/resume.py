@@ -5,7 +5,7 @@ checkpoint directories made loadable without DeepSpeed.
 How a Slurm run resumes (see docs/clusters.md):
 
 * Slurm sends SIGUSR1 to every task shortly before the time limit (``#SBATCH --signal=SIGUSR1@90``).
-  :class:`SlurmRequeue` then has all processes save ``hpc_ckpt_<n>.ckpt`` together and requeues the job with
+  `SlurmRequeue` then has all processes save ``hpc_ckpt_<n>.ckpt`` together and requeues the job with
   ``scontrol requeue``. It saves into ``trainer.default_root_dir``, where Lightning also looks for HPC
   checkpoints, and the CLI sets that to the run directory (by default it is the job's working directory,
   shared by every job started there).

@@ -55,3 +55,20 @@ def claim_new_directory(parent: Path, name: str) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+def remove_failed_run(created: str | Path, run_dir: str | Path) -> bool:
+    """Remove what a fit created (``created``: its run directory, or the outermost folder made for it) when
+    the fit failed before saving any checkpoint (a bad config or bad data): no empty ``version_<n>`` is left
+    behind. Keeps everything when ``created`` holds a checkpoint."""
+    created, run_dir = Path(created).absolute(), Path(run_dir).resolve()
+    if not created.exists() or any(created.glob("**/*.ckpt")):
+        return False
+    import shutil
+
+    handle = _held.pop(run_dir, None)
+    if handle is not None:
+        handle.close()
+        (run_dir.parent / f".{run_dir.name}.lock").unlink(missing_ok=True)
+    shutil.rmtree(created, ignore_errors=True)
+    return True

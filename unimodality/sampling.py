@@ -2,7 +2,7 @@
 processes of a step.
 
 A contrastive loss with ``use_groups`` treats rows of one perturbation as positives, but a batch drawn one
-perturbation at a time never holds two of them. :class:`ReplicateBatchSampler` draws ``keys_per_batch``
+perturbation at a time never holds two of them. `ReplicateBatchSampler` draws ``keys_per_batch``
 perturbations per process and step and repeats each ``replicates`` times (the dataset draws distinct
 replicates for the repeats). Every process walks one seeded permutation of the keys per pass, taking its own
 slice of each step, so no perturbation is on two processes in one step and every process has the same

@@ -12,9 +12,14 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
 
 from unimodality.checkpoint import check_checkpoint, read_checkpoint, stamp
+from unimodality.cka import linear_cka
 from unimodality.config import ConfigHyperparameters
+from unimodality.distributed import gather
+from unimodality.schedulers import WarmupCosineLR
+from unimodality.standardization import METHODS, statistics
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -33,7 +38,19 @@ class Setup(ConfigHyperparameters, LightningModule):
             gains and scalars (e.g. a logit scale) get no weight decay.
         lr_scheduler: optional learning-rate scheduler class (with its init args).
         lr_scheduler_interval: step the scheduler every ``epoch`` or every optimizer ``step``.
-        lr_scheduler_monitor: metric a ``ReduceLROnPlateau`` scheduler watches.
+        lr_scheduler_monitor: metric a ``ReduceLROnPlateau`` scheduler watches (any logged metric, e.g.
+            ``val/loss`` or ``val/pert/mrr`` with the scheduler's ``mode: max``).
+        tower_optim: learning rate and/or weight decay per tower, e.g. ``{tx: {lr: 1.0e-4, weight_decay:
+            0.0}}``: that tower's trainable parameters get their own parameter groups with these settings
+            (its biases, norm gains and scalars still get no weight decay); others keep the optimizer's.
+        preservation: weight per tower of a term keeping its embedding's geometry close to its input's: the
+            loss gains ``weight * (1 - CKA)``, with ``CKA`` the linear CKA (Kornblith et al. 2019) between
+            the tower's input and its embedding over the global batch, logged as
+            ``train/preservation/<tower>``. Weight 0 logs the CKA without changing training.
+        standardize: per-feature standardisation of a tower's input, e.g. ``{ph: zscore}`` or ``{ph:
+            robust}`` (median and IQR): statistics computed from the training rows (one pass over the training
+            data when the fit starts), kept in the checkpoint, and applied wherever the tower embeds
+            (`predict`, `validate`, `unimodality.load`); see `unimodality.standardization`.
     """
 
     def __init__(
@@ -42,6 +59,9 @@ class Setup(ConfigHyperparameters, LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         lr_scheduler_monitor: str = "val/loss",
+        tower_optim: dict[str, dict[str, float]] | None = None,
+        preservation: dict[str, float] | None = None,
+        standardize: dict[str, Literal["zscore", "robust"]] | None = None,
     ) -> None:
         super().__init__()
         check_optimizer_settings(optimizer)  # before any data is read or a step is taken
@@ -49,6 +69,13 @@ class Setup(ConfigHyperparameters, LightningModule):
         self.lr_scheduler = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.lr_scheduler_monitor = lr_scheduler_monitor
+        self.tower_optim = check_tower_optim(tower_optim)
+        self.preservation = check_preservation(preservation)
+        self.standardize = dict(standardize or {})
+        for tower, method in self.standardize.items():
+            if method not in METHODS:
+                raise ValueError(f"model.init_args.standardize.{tower} must be one of {', '.join(METHODS)}, got "
+                                 f"{method!r}")
 
     #: what the data looks like (modality -> source settings and feature names); see ``DataModule.schema``
     schema: dict[str, dict[str, Any]] | None = None
@@ -62,6 +89,29 @@ class Setup(ConfigHyperparameters, LightningModule):
         self.schema = schema
         self.hparams["schema"] = schema
         self._hparams_initial["schema"] = schema
+        if self.standardize:  # buffers before a checkpoint's state is loaded into them
+            self.check_tower_names()
+            for name, method in self.standardize.items():
+                self.tower_modules()[name].standardize_inputs(method)
+
+    def on_train_start(self) -> None:
+        """Compute the input standardisation statistics of the towers ``standardize`` names, from one pass over
+        the training batches (unless a resumed checkpoint holds them)."""
+        towers = {name: self.tower_modules()[name] for name in self.standardize}
+        todo = [name for name, tower in towers.items() if not bool(tower.input_standardized)]
+        if not todo:
+            return
+        loader = self.trainer.datamodule.train_dataloader()
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+
+        def rows(name: str):
+            for i, batch in enumerate(loader):
+                if i % world == rank:  # each batch on one process: together, one pass over the training rows
+                    yield batch[name]
+
+        for name in todo:
+            center, scale = statistics(rows(name), self.standardize[name], towers[name].in_features, f"tower {name!r}")
+            towers[name].fit_standardization(center.to(self.device), scale.to(self.device))
 
     def setup(self, stage: str) -> None:
         if self.schema is not None:  # given at init (a checkpoint) or built already
@@ -92,7 +142,16 @@ class Setup(ConfigHyperparameters, LightningModule):
         import inspect
 
         default = inspect.signature(type(self).__init__).parameters[name].default
-        return copy.deepcopy(value) if value is default else value
+        if value is not default:
+            return value
+        if hasattr(value, "lazy_get_init_args"):
+            # a fresh object of the real class: a deep copy of a lazy_instance would still run the original's
+            # methods (jsonargparse binds its lazy __call__ on the shared dynamic class), so every default-built
+            # model would compute its loss with the first one's parameters
+            real = next(c for c in type(value).__mro__
+                        if not c.__module__.startswith("jsonargparse") and not c.__name__.startswith("LazyInstance_"))
+            return real(**value.lazy_get_init_args().as_dict())
+        return copy.deepcopy(value)
 
     #: the terms of the last training loss (e.g. per modality pair), named in a non-finite loss error
     loss_terms: dict[str, torch.Tensor] | None = None
@@ -145,25 +204,135 @@ class Setup(ConfigHyperparameters, LightningModule):
         every = self.trainer.log_every_n_steps
         return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 
+    # -- towers by name: what tower_optim and preservation refer to ---------------------------------------
+    def tower_modules(self) -> dict[str, nn.Module]:
+        """The setup's towers by name (built from the data): ``self.towers`` when it is a ``ModuleDict``.
+
+        A setup with differently named parts overrides this; ``tower_optim`` and ``preservation`` keys must
+        be among these names.
+        """
+        towers = getattr(self, "towers", None)
+        return dict(towers.items()) if isinstance(towers, nn.ModuleDict) else {}
+
+    def check_tower_names(self) -> None:
+        """One line naming the option, when ``tower_optim``, ``preservation`` or ``standardize`` names no tower."""
+        towers = sorted(self.tower_modules())
+        for option, settings in (("tower_optim", self.tower_optim), ("preservation", self.preservation),
+                                 ("standardize", self.standardize)):
+            unknown = sorted(set(settings) - set(towers))
+            if unknown:
+                raise ValueError(
+                    f"model.init_args.{option} names {unknown}, which are not towers of this model; towers: {towers}"
+                )
+
+    def preservation_loss(
+        self, inputs: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor], batch_size: int
+    ) -> torch.Tensor | None:
+        """``sum(weight * (1 - CKA(input, embedding)))`` over the towers ``preservation`` names, or None when
+        no weight is positive; logs each CKA as ``train/preservation/<tower>`` on logging steps.
+
+        Args:
+            inputs: each named tower's input rows on this process (any shape ``(n, ...)``; flattened).
+            embeddings: its embeddings of the *global* batch (gathered with gradients, as the loss gets).
+            batch_size: rows on this process, for the logger.
+        """
+        total = None
+        logging = self.is_logging_step()
+        for name, weight in self.preservation.items():
+            if weight == 0 and not logging:
+                continue
+            with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
+                cka = linear_cka(gather(inputs[name]), embeddings[name])
+            if weight > 0:
+                term = weight * (1 - cka)
+                total = term if total is None else total + term
+                self.loss_terms = {**(self.loss_terms or {}), f"preservation/{name}": cka.detach()}
+            if logging:
+                self.log(f"train/preservation/{name}", cka.detach(), batch_size=batch_size)
+        return total
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: trainable parameters only (a frozen encoder's are in none),
+        per-tower groups for ``tower_optim``, and no weight decay on biases, norm gains and scalars."""
+        self.check_tower_names()
+        towers = self.tower_modules()
+        claimed: set[int] = set()
+        named: list[tuple[str, list[nn.Parameter], dict[str, float]]] = []
+        for name, settings in self.tower_optim.items():
+            params = [p for p in towers[name].parameters() if p.requires_grad and id(p) not in claimed]
+            claimed.update(id(p) for p in params)
+            named.append((name, params, settings))
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in claimed]
+        groups = []
+        for name, params, settings in [("default", rest, {}), *named]:
+            # as in CLIP/open_clip: no weight decay on biases, norm gains and scalars such as the logit scale
+            decay = {"params": [p for p in params if p.ndim >= 2], **settings}
+            no_decay = {"params": [p for p in params if p.ndim < 2], **settings, "weight_decay": 0.0}
+            if self.tower_optim:  # names show in LearningRateMonitor; plain groups when nothing is per tower
+                decay["name"], no_decay["name"] = name, f"{name}/no_decay"
+            groups += [decay, no_decay]
+        return [g for g in groups if g["params"]]
+
     def configure_optimizers(self) -> Any:
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        # as in CLIP/open_clip: no weight decay on biases, norm gains and scalars such as the logit scale
-        groups = [
-            {"params": [p for p in trainable if p.ndim >= 2]},
-            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = build("optimizer", self.optimizer, [g for g in groups if g["params"]])
+        optimizer = build("optimizer", self.optimizer, self.parameter_groups())
         if self.lr_scheduler is None:
             return optimizer
-        scheduler = build("lr_scheduler", self.lr_scheduler, optimizer)
+        scheduler = build("lr_scheduler", self.lr_scheduler, optimizer, **self._schedule_length())
         config = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.lr_scheduler_monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
 
+    def _schedule_length(self) -> dict[str, int]:
+        """``total_steps`` of a ``WarmupCosineLR`` left unset: the run's length in scheduler steps."""
+        target, kwargs = factory_target(self.lr_scheduler)
+        if not (isinstance(target, type) and issubclass(target, WarmupCosineLR)) or kwargs.get("total_steps"):
+            return {}
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches if self.lr_scheduler_interval == "step" else trainer.max_epochs
+        if total is None or not math.isfinite(total) or total < 1:
+            raise ValueError(
+                f"WarmupCosineLR: the run's length is unknown (trainer.max_epochs/max_steps unset): set "
+                f"model.init_args.lr_scheduler.init_args.total_steps (in {self.lr_scheduler_interval}s)"
+            )
+        return {"total_steps": int(total)}
+
 
 #: optimizer settings that must be finite and non-negative (a NaN learning rate only shows as a NaN loss)
 NON_NEGATIVE = ("lr", "weight_decay", "eps", "momentum", "dampening", "lr_decay", "initial_accumulator_value")
+
+
+def check_tower_optim(settings: dict[str, dict[str, float]] | None) -> dict[str, dict[str, float]]:
+    """``tower_optim`` as plain dicts, after refusing a key other than lr/weight_decay or a bad number."""
+    out: dict[str, dict[str, float]] = {}
+    for tower, values in (settings or {}).items():
+        if not isinstance(values, dict):
+            raise ValueError(f"model.init_args.tower_optim.{tower} must map lr and/or weight_decay to numbers, "
+                             f"got {values!r}")
+        for key, value in values.items():
+            option = f"model.init_args.tower_optim.{tower}.{key}"
+            if key not in TOWER_OPTIM_KEYS:
+                raise ValueError(f"{option}: unknown setting; a tower can set {', '.join(TOWER_OPTIM_KEYS)}")
+            number = _number(value)
+            if number is None or not (math.isfinite(number) and number >= 0):
+                raise ValueError(f"{option} must be a finite number >= 0, got {value!r}")
+        out[str(tower)] = {key: float(value) for key, value in values.items()}
+    return out
+
+
+def check_preservation(weights: dict[str, float] | None) -> dict[str, float]:
+    """``preservation`` as a plain dict, after refusing a negative, NaN or infinite weight."""
+    out: dict[str, float] = {}
+    for tower, weight in (weights or {}).items():
+        number = _number(weight)
+        if number is None or not (math.isfinite(number) and number >= 0):
+            raise ValueError(f"model.init_args.preservation.{tower} must be a finite number >= 0, got {weight!r}")
+        out[str(tower)] = number
+    return out
+
+
+#: what ``tower_optim`` may set per tower
+TOWER_OPTIM_KEYS = ("lr", "weight_decay")
 
 
 def factory_target(factory: Any) -> tuple[Any, dict[str, Any]]:
@@ -187,10 +356,11 @@ def check_optimizer_settings(optimizer: Any) -> None:
             )
 
 
-def build(setting: str, factory: Any, first: Any) -> Any:
-    """``factory(first)`` (an optimizer from parameter groups, a scheduler from an optimizer), or one line
-    naming the class, the missing or refused arguments and the options that set them."""
+def build(setting: str, factory: Any, first: Any, **extra: Any) -> Any:
+    """``factory(first, **extra)`` (an optimizer from parameter groups, a scheduler from an optimizer), or one
+    line naming the class, the missing or refused arguments and the options that set them."""
     target, kwargs = factory_target(factory)
+    kwargs = {**kwargs, **extra}
     option = f"model.init_args.{setting}.init_args"
     parameters = _parameters(target)
     missing = [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name not in kwargs]
@@ -200,7 +370,7 @@ def build(setting: str, factory: Any, first: Any) -> Any:
             f"{', '.join(f'{option}.{name}' for name in missing)}"
         )
     try:
-        return factory(first)
+        return factory(first, **extra)
     except (TypeError, ValueError) as error:  # raised by torch (or a plugin's class), about the arguments
         text = " ".join(str(error).split())
         unset = [p.name for p in parameters if kwargs.get(p.name, p.default) is None]  # e.g. total_steps

@@ -129,7 +129,7 @@ class ModalitySource(RecordsInitArgs):
         raise NotImplementedError
 
     def row_store(self, cache_dir: str | Path | None = None) -> Any:
-        """A :class:`~unimodality.streaming.RowStore` reading raw rows from disk (streaming); sources of
+        """A `RowStore` reading raw rows from disk (streaming); sources of
         feature vectors implement it."""
         raise DataError(f"{self.file}: {type(self).__name__} cannot be streamed from disk; keep it in memory "
                         "(leave data.streaming off)")
@@ -550,7 +550,7 @@ def check_feature_columns(file: Path, schema: pa.Schema, names: list[str]) -> No
 
 
 def column_as_float32(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A numeric column (see :func:`check_feature_columns`) as float32; nulls become NaN, which the
+    """A numeric column (see `check_feature_columns`) as float32; nulls become NaN, which the
     finiteness check then reports with their rows."""
     return pc.cast(column, pa.float32()).to_numpy(zero_copy_only=False)
 
@@ -605,6 +605,11 @@ def features_block(file: Path, table: pa.Table, names: list[str], first_row: int
 
 def _is_numeric(kind: pa.DataType) -> bool:
     return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+
+
+def is_numeric_type(kind: pa.DataType) -> bool:
+    """An integer, floating-point or boolean column: one feature per row."""
+    return _is_numeric(kind)
 
 
 class Alternatives:

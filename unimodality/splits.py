@@ -30,7 +30,7 @@ def read_keys(
     source: ModalitySource, keys: list[str], split_column: str | None, digits: int | None = KEY_DIGITS
 ) -> pd.DataFrame:
     """The key columns of a source (renamed to ``keys``, floating-point ones in canonical form, see
-    :func:`canonical_keys`) and its split column when it has one.
+    `canonical_keys`) and its split column when it has one.
 
     A file without rows, and rows missing a key value, are errors naming the file (and rows).
     """

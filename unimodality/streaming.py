@@ -6,11 +6,11 @@ planned as a permutation of contiguous *blocks* of rows; each process (rank) tak
 blocks, and rows are read a *buffer* (``buffer_batches`` batches) at a time with one read per contiguous
 run, then shuffled inside the buffer. Memory stays bounded by about one buffer per DataLoader worker.
 
-Stores read row ranges of one file: :class:`H5Store` reads ``X``/a layer/an ``obsm`` of an ``.h5ad``
-straight from its HDF5 datasets (dense, or CSR keeping only ``indptr`` in RAM), :class:`ZarrStore` the same
-from a ``.zarr`` store; :class:`NpyStore` reads a row-major ``.npy`` cache that tables (parquet, CSV) are
+Stores read row ranges of one file: `H5Store` reads ``X``/a layer/an ``obsm`` of an ``.h5ad``
+straight from its HDF5 datasets (dense, or CSR keeping only ``indptr`` in RAM), `ZarrStore` the same
+from a ``.zarr`` store; `NpyStore` reads a row-major ``.npy`` cache that tables (parquet, CSV) are
 converted to once, because Arrow has no fast random row access. The cache is rebuilt when the source file
-or its feature selection changes. :class:`ConcatStore` reads the files of a source of several ``.h5ad``
+or its feature selection changes. `ConcatStore` reads the files of a source of several ``.h5ad``
 files as one, with a bounded number of them open.
 """
 
@@ -57,7 +57,7 @@ def cache_root() -> Path:
 
 
 def cache_folder(cache_dir: str | Path | None = None) -> Path:
-    """The cache folder (``cache_dir``, else :func:`cache_root`), created if missing; refused with a message
+    """The cache folder (``cache_dir``, else `cache_root`), created if missing; refused with a message
     when it cannot be created or written."""
     folder = Path(cache_dir) if cache_dir is not None else cache_root()
     try:
@@ -479,7 +479,7 @@ def _blocks(file: Path, batches: Iterator[Any], names: list[str]) -> Iterator[np
 
 def open_store(source: ModalitySource, cache_dir: str | Path | None = None) -> RowStore:
     """A row store over a vector source's file: the source's own (``.h5ad`` read in place, tables through
-    :func:`table_cache`)."""
+    `table_cache`)."""
     if source.input_kind != "vectors":
         raise DataError(f"{source.file}: streaming reads feature vectors; {type(source).__name__} gives "
                         f"{source.input_kind} (keep it in memory)")
@@ -565,7 +565,7 @@ class StreamingDataset(Dataset):
     Every row of the streamed modality is an example once per epoch (up to the remainder that keeps ranks
     equal), paired, when there are partners, with a replicate of the same key drawn from each of them
     (from ``seed``, the epoch and the buffer: repeatable). Items are ``(epoch, buffer, batch)`` from a
-    :class:`BufferSampler`; a worker keeps the buffer it is serving and reads the next when asked for it.
+    `BufferSampler`; a worker keeps the buffer it is serving and reads the next when asked for it.
 
     Args:
         name: the streamed modality's name (its key in batches).

@@ -4,7 +4,7 @@ A ``class_path`` in a config or a checkpoint is resolved here, before jsonargpar
 calls anything, and accepted only when it names a class that is
 
 * a registered plugin (an entry point of a ``unimodality.*`` group), or
-* a subclass of one of the interfaces unimodality builds: its own plugin bases (:data:`INTERFACES`) and the
+* a subclass of one of the interfaces unimodality builds: its own plugin bases (`INTERFACES`) and the
   torch/Lightning classes a config chooses (optimizers, schedulers, loggers, callbacks, strategies, ...),
 
 and, in a slot whose kind is known (``encoders``, ``loss``, ``optimizer``, ...), a subclass of that slot's
@@ -104,10 +104,12 @@ def check_config(config: Any, origin: str, imports: bool = True) -> None:
     the classes described in this module; ``origin`` names the file or option in the message."""
     for where, kind, name in _named_classes(config, (), "any"):
         check_class(name, kind, origin, ".".join(where), imports=imports)
+    for where, name in _callable_arguments(config, (), imports):
+        check_class(name, "any", origin, ".".join(where), imports=imports)
 
 
 def upgrade_class_paths(config: Any) -> Any:
-    """``config`` with the class paths of moved built-in plugins (:data:`MOVED`) replaced by their new ones."""
+    """``config`` with the class paths of moved built-in plugins (`MOVED`) replaced by their new ones."""
     if isinstance(config, dict):
         return {key: MOVED.get(value, value) if key in ("class_path", "_class_path") and isinstance(value, str)
                 else upgrade_class_paths(value) for key, value in config.items()}
@@ -134,6 +136,8 @@ def check_checkpoint_classes(checkpoint: dict[str, Any], path: Any) -> None:
         body = {k: v for k, v in hparams.items() if not k.startswith("_")}
         for where, slot, name in _named_classes(body, (key,), "any"):
             check_class(name, slot, origin, ".".join(where), imports=False)
+        for where, name in _callable_arguments(body, (key,), imports=False):
+            check_class(name, "any", origin, ".".join(where), imports=False)
 
 
 def check_class(name: Any, kind: str, origin: str, where: str, imports: bool = True) -> type:
@@ -226,6 +230,45 @@ def _named_classes(value: Any, where: tuple[str, ...], kind: str) -> Iterator[tu
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
             yield from _named_classes(item, (*where, str(i)), kind)
+
+
+def _callable_arguments(value: Any, where: tuple[str, ...], imports: bool) -> Iterator[tuple[tuple[str, ...], str]]:
+    """``(key path, import path)`` of every string given to a callable- or class-typed argument of a class a
+    config builds (e.g. a scheduler's ``lr_lambda``): jsonargparse imports and passes such a string, and the
+    class then calls it, so it must name an accepted class too, never a function such as ``builtins.print``."""
+    if hasattr(value, "as_dict") and not isinstance(value, dict):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        init_args = value.get("init_args")
+        if isinstance(value.get("class_path"), str) and isinstance(init_args, dict):
+            typed = _callable_parameters(value["class_path"], imports)
+            for name, argument in init_args.items():
+                if name in typed:
+                    for i, item in enumerate(argument if isinstance(argument, list | tuple) else [argument]):
+                        path = (*where, "init_args", str(name), *([str(i)] if argument is not item else []))
+                        if isinstance(item, str) and "." in item:
+                            yield path, item
+                        elif callable(item) and hasattr(item, "__qualname__"):  # already imported by the parser
+                            yield path, f"{getattr(item, '__module__', None) or 'builtins'}.{item.__qualname__}"
+        for key, item in value.items():
+            yield from _callable_arguments(item, (*where, str(key)), imports)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _callable_arguments(item, (*where, str(i)), imports)
+
+
+def _callable_parameters(class_path: str, imports: bool) -> set[str]:
+    """The parameters of a class's ``__init__`` typed as a callable or a class (from their annotations)."""
+    import inspect
+
+    found = _lookup(class_path, (object,), imports)
+    if not isinstance(found, type):
+        return set()  # refused on its own by check_class
+    try:
+        parameters = inspect.signature(found.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in parameters if any(word in str(p.annotation) for word in ("Callable", "type[", "Type["))}
 
 
 def _slot_value(value: Any, where: tuple[str, ...], kind: str) -> Iterator[tuple[tuple[str, ...], str, Any]]:

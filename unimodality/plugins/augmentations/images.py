@@ -4,7 +4,7 @@ All act per sample with probability ``p`` on the batch where it lies (CPU or GPU
 and draw from torch's generator (``seed_everything`` applies). Geometric ones (crop, flips, rotations) move
 every channel of a sample together; intensity jitter changes each channel on its own, as stains vary
 independently. They assume normalised images (each channel about mean 0, std 1: what
-:class:`~unimodality.plugins.sources.images.ImageSource` gives).
+`ImageSource` gives).
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ from unimodality.plugins.sources.table import TableSource
 from unimodality.sources import Matrix, ModalitySource, align_features
 
 log = logging.getLogger(__name__)
+#: settings every source has: kept when a file of another format is read for a tower (see ``_source_for_file``)
+SHARED_SETTINGS = ("key_columns", "transform", "include", "exclude", "metadata_features")
 
 
 class EmbedDataset(Dataset):
@@ -120,6 +122,14 @@ class EmbedDataModule(DataModule):
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.output = self._output_path(path, output, overwrite)
+        self.written: Path | None = None
+        self.dataset: EmbedDataset | None = None
+        self.source: ModalitySource | None = None
+
+    @staticmethod
+    def _output_path(path: str | list[str], output: str | None, overwrite: bool) -> Path | None:
+        """The output file, checked before any work is done (see ``output``)."""
         several = source_for(path) is AnnDataSource and AnnDataSource(path).is_sharded
         inputs = anndata_files(path) if several else [resolve_path(path)]
         if output is None:
@@ -127,14 +137,12 @@ class EmbedDataModule(DataModule):
             name = name.parent if glob.has_magic(str(name)) or isinstance(path, list | tuple) else name
             suffix = ".h5ad" if name.suffix in ANNDATA_SUFFIXES and not several else ".parquet"
             output = str(Path.cwd() / f"{name.name.split('.')[0]}_embeddings{suffix}")
-        self.output = check_output_path(output, overwrite=overwrite)
+        checked = check_output_path(output, overwrite=overwrite)
         for file in inputs:
-            if same_file(self.output, file):
+            if same_file(checked, file):
                 raise DataError(f"output {output} is the input file {file}: predict never writes over its input, "
                                 "even with --data.overwrite true; choose another --data.output")
-        self.written: Path | None = None
-        self.dataset: EmbedDataset | None = None
-        self.source: ModalitySource | None = None
+        return checked
 
     @property
     def schema(self) -> dict[str, dict[str, Any]]:
@@ -174,7 +182,8 @@ class EmbedDataModule(DataModule):
                 f"data.source_options names {unknown}, not settings of the {name!r} tower's "
                 f"{cls_name}; its settings: {sorted(entry['init_args'])}"
             )
-        self.source = source_cls(path=self.path, **{**entry["init_args"], **self.source_options})
+        self.source = self._source_for_file(name, source_cls, {**entry["init_args"], **self.source_options},
+                                            entry["features"])
         self.source.recorded_filters = {"include", "exclude"} - set(self.source_options)
         n_rows = self.source.num_rows()
         usable = self.source.usable_rows()  # rows a source cannot use (and was told to drop) get no embedding
@@ -191,9 +200,32 @@ class EmbedDataModule(DataModule):
         self.dataset = EmbedDataset(name, features, rows)
         log.info("embedding %d of %d rows of %s with the %r tower", len(rows), n_rows, self.path, name)
 
+    def _source_for_file(self, name: str, source_cls: type[ModalitySource], settings: dict[str, Any],
+                         features: list[str]) -> ModalitySource:
+        """The tower's source reading ``path``: its own class, or, for a file of the other feature-vector
+        format (an ``.h5ad`` for a tower trained on a table, a table for one trained on an ``.h5ad``), that
+        format's source with the settings both share: the features are then found by name (``var_names``,
+        or the table's columns)."""
+        try:
+            reader = source_for(self.path)
+        except DataError:
+            reader = None  # not a built-in format (e.g. a folder of images): the tower's own source decides
+        vectors = (AnnDataSource, TableSource)
+        if reader is None or issubclass(source_cls, reader) or not source_cls.suffixes:  # e.g. SMILES in a table
+            return source_cls(path=self.path, **settings)
+        if source_cls in vectors and reader in vectors:
+            shared = {k: settings[k] for k in SHARED_SETTINGS if k in settings}
+            if reader is TableSource:
+                # the features by their names in the model (an obsm tower's are <key>_<i>)
+                shared["features"] = source_cls(path=self.path, **settings).matrix_part(features)
+            return reader(path=self.path, **shared)
+        readable = ", ".join(source_cls.suffixes)
+        raise DataError(f"{self.path}: the {name!r} tower ({source_cls.__name__}) reads {readable} files, not "
+                        f"{reader.__name__} files")
+
     def _check_output_columns(self) -> None:
         """Columns the output adds must not be in the input's metadata (found before embedding, not after)."""
-        if self.output.suffix != ".parquet":
+        if self.output is None or self.output.suffix != ".parquet":
             return
         metadata = self.source.read_metadata().columns
         taken = [c for c in metadata if c == "obs_names" and isinstance(self.source, AnnDataSource)]
@@ -230,7 +262,7 @@ class EmbedDataModule(DataModule):
     def write_predictions(
         self, rows: np.ndarray, embedding: np.ndarray, record: dict[str, Any] | None = None
     ) -> None:
-        """Write the embeddings of ``rows`` (called by :class:`~unimodality.outputs.EmbeddingWriter`).
+        """Write the embeddings of ``rows`` (called by `EmbeddingWriter`).
 
         Args:
             rows: row numbers in the input file, ascending, each once.
@@ -251,3 +283,37 @@ class EmbedDataModule(DataModule):
         if self.source is not None:
             self.source.close()
         self.dataset = None
+
+
+class InMemoryEmbedDataModule(EmbedDataModule):
+    """``EmbedDataModule`` that keeps the embeddings in ``rows`` / ``embedding`` instead of writing a file
+    (``unimodality.api.Model.embed``): the same reading, alignment, filters and warnings as ``predict``.
+
+    Args:
+        path: the file to embed (see ``EmbedDataModule``).
+        modality: which tower embeds it.
+        source_options: settings replacing those recorded in the checkpoint.
+        batch_size: rows per forward pass.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(self, path: str | list[str], modality: str | None = None,
+                 source_options: dict[str, Any] | None = None, batch_size: int = 512, num_workers: int = 0) -> None:
+        super().__init__(path, modality=modality, source_options=source_options, batch_size=batch_size,
+                         num_workers=num_workers)
+        self.rows: np.ndarray | None = None
+        self.embedding: np.ndarray | None = None
+
+    @staticmethod
+    def _output_path(path: str | list[str], output: str | None, overwrite: bool) -> Path | None:
+        return None
+
+    def write_predictions(
+        self, rows: np.ndarray, embedding: np.ndarray, record: dict[str, Any] | None = None
+    ) -> None:
+        """Keep the embeddings of ``rows`` (called by ``EmbeddingWriter``, as predict's writer is)."""
+        if len(rows) != len(self.dataset) or not np.array_equal(rows, np.sort(self.dataset.rows)):
+            raise RuntimeError(f"got embeddings for {len(rows)} of the {len(self.dataset)} rows to embed (or other "
+                               "rows)")
+        self.rows = np.asarray(rows)
+        self.embedding = np.ascontiguousarray(embedding, dtype=np.float32)

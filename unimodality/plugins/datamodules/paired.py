@@ -313,7 +313,10 @@ class PairedDataModule(SplitDataModule):
             if not (split == s).any():
                 if s == "train":
                     raise DataError("the training split holds no perturbation shared by all modalities")
-                log.warning("the %r split holds no perturbation shared by all modalities", s)
+                if s == "val" and stage == "fit":  # a supported mode (see docs/faq.md): no best.ckpt, last.ckpt kept
+                    log.info("no validation split: training without validation; only checkpoints/last.ckpt is kept")
+                else:
+                    log.warning("the %r split holds no perturbation shared by all modalities", s)
         in_memory = tuple(s for s in wanted if not (self.streaming and s == "train"))
         if len(in_memory) < len(wanted):
             with_alternatives = [n for n, src in self.sources.items() if src.read_alternatives(np.zeros(0, int))]

@@ -189,7 +189,10 @@ class SingleDataModule(SplitDataModule):
             if not (split == s).any():
                 if s == "train":
                     raise DataError(f"{self.source.file}: the training split holds no row")
-                log.warning("the %r split holds no row", s)
+                if s == "val" and stage == "fit":  # a supported mode (see docs/faq.md): no best.ckpt, last.ckpt kept
+                    log.info("no validation split: training without validation; only checkpoints/last.ckpt is kept")
+                else:
+                    log.warning("the %r split holds no row", s)
         usable = self.source.usable_rows()  # e.g. rows of unparsable SMILES, dropped on request
         usable = np.ones(len(split), dtype=bool) if usable is None else usable
         in_memory = tuple(s for s in wanted if not (self.streaming and s == "train"))

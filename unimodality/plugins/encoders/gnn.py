@@ -38,7 +38,7 @@ class GNNEncoder(Encoder):
         pooling: readout over atoms: ``mean``, ``sum``, or ``attention`` (a learned gate per atom).
         norm: normalisation after each conv.
         dropout: dropout after each layer.
-        edge_features: bond feature size (default: that of :mod:`unimodality.plugins.sources.molecules`).
+        edge_features: bond feature size (default: that of `unimodality.plugins.sources.molecules`).
     """
 
     def __init__(

@@ -108,7 +108,7 @@ class ReplicateRetrievalMAP(Evaluator):
 
 def activity(data: EvaluationData, null_size: int, threshold: float, seed: int, batch_size: int,
              different_batch: bool = False) -> Result:
-    """Replicate-retrieval mAP of every perturbation (see :class:`ReplicateRetrievalMAP`)."""
+    """Replicate-retrieval mAP of every perturbation (see `ReplicateRetrievalMAP`)."""
     key = data.perturbation_key()
     keep = key.notna().to_numpy()
     controls = data.control_mask()[keep]

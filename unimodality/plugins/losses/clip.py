@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from unimodality.loss import ContrastiveLoss
+from unimodality.loss import ContrastiveLoss, contrast_terms, group_index
 
 
 class ClipLoss(ContrastiveLoss):
@@ -17,6 +16,13 @@ class ClipLoss(ContrastiveLoss):
     ``loss = (CE(s * a @ b.T, T) + CE(s * b @ a.T, T)) / 2`` where ``T`` is the identity (textbook CLIP)
     or, with ``use_groups``, the row-normalised matrix of same-perturbation pairs (multi-positive soft
     targets, so replicates are not pushed apart as false negatives).
+
+    Computed without forming ``T``: with ``l = s * a @ b.T`` and ``P_i`` the positives of row ``i``,
+    ``CE_i = logsumexp_j l_ij - mean_{j in P_i} l_ij``, and the positive term summed over the rows is
+    ``s * sum_g (A_g . B_g) / n_g`` over the groups (``A_g``, ``B_g``: the group's summed embeddings,
+    ``n_g`` its size), the same in both directions. Only the ``B x B`` logits are kept for backward
+    (`unimodality.loss.contrast_terms`), so time and memory are those of one ``B x B`` matrix,
+    groups or not.
 
     Args:
         init_scale: initial logit scale (inverse temperature), 1/0.07 as in CLIP.
@@ -43,11 +49,14 @@ class ClipLoss(ContrastiveLoss):
         return self.log_scale.clamp(max=self.max_log_scale).exp()
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.scale * a @ b.T
-        targets = self.positives(group, a.shape[0], a.device).to(logits.dtype)
-        # same-group is symmetric, so the row-normalised targets serve both directions
-        targets = targets / targets.sum(dim=1, keepdim=True)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        scale = self.scale
+        index = weights = None  # without groups: the diagonal, textbook CLIP
+        if group is not None and self.use_groups:
+            index, counts = group_index(group, a.shape[0], a.device)
+            weights = 1 / counts.to(a.dtype)  # row i's positives share its target mass: 1 / |P_i|
+        terms = contrast_terms(a, b, scale, index, weights)
+        # both directions have the same positive sum: the groups are symmetric
+        return (terms.rows.mean() + terms.columns.mean()) / 2 - terms.positive / a.shape[0]
 
     def extra_metrics(self) -> dict[str, torch.Tensor]:
         return {"logit_scale": self.scale.detach()}

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from unimodality.loss import ContrastiveLoss
+from unimodality.loss import ContrastiveLoss, contrast_terms, group_index
 
 
 class NTXentLoss(ContrastiveLoss):
@@ -24,6 +24,10 @@ class NTXentLoss(ContrastiveLoss):
     over the positives). The view itself is never a positive nor in the denominator. Works for SimCLR
     (``a``, ``b``: two augmentations of the same samples) and cross-modally (``a``, ``b``: two modalities;
     unlike CLIP's loss, samples of the same modality are then negatives too).
+
+    Computed without a mask: the sum of ``z_i . z_p`` over the positives is ``z_i . Z_g - z_i . z_i``
+    (``Z_g``: the summed views of ``i``'s group, ``|P(i)| = 2 n_g - 1``), and only the ``2N x 2N``
+    logits are kept for backward (`unimodality.loss.contrast_terms`).
 
     Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
     Representations", ICML 2020.
@@ -56,12 +60,11 @@ class NTXentLoss(ContrastiveLoss):
     def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
         n = a.shape[0]
         z = torch.cat([a, b])
-        is_self = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-        logits = (z @ z.T / self.temperature).masked_fill(is_self, float("-inf"))
         # positives across both halves; without groups: the other view of the same sample
-        positive = self.positives(group, n, z.device).repeat(2, 2) & ~is_self
-        log_prob = logits.log_softmax(dim=1).masked_fill(~positive, 0.0)  # also clears the -inf diagonal
-        return -(log_prob.sum(dim=1) / positive.sum(dim=1)).mean()
+        index, counts = group_index(group if self.use_groups else None, n, z.device)
+        weights = 1 / (2 * counts - 1).to(z.dtype)  # 1 / |P(i)|: the other views of the group
+        terms = contrast_terms(z, None, 1 / self.temperature, index.repeat(2), weights)
+        return terms.rows.mean() - terms.positive / (2 * n)
 
     def extra_metrics(self) -> dict[str, torch.Tensor]:
         return {"temperature": self.temperature.detach()}

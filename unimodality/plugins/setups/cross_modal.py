@@ -15,11 +15,12 @@ from unimodality import diagnostics
 from unimodality.batch import GROUP, INDEX
 from unimodality.distributed import gather, gather_with_grad
 from unimodality.encoder import Encoder
+from unimodality.grad_cache import cached_gradients, take_rows
 from unimodality.loss import ContrastiveLoss
-from unimodality.metrics import EmbeddingCollector, perturbation_retrieval, replicate_map, row_recall, unique_rows
+from unimodality.metrics import EmbeddingCollector, cross_recall, perturbation_retrieval, replicate_map, unique_rows
 from unimodality.plugins.losses.clip import ClipLoss
 from unimodality.setup import Setup
-from unimodality.tower import Tower, TowerMode
+from unimodality.tower import HeadKind, Tower, TowerMode
 
 
 class CrossModalSetup(Setup):
@@ -33,13 +34,25 @@ class CrossModalSetup(Setup):
         loss: the contrastive loss applied to each pair of modalities.
         embed_dim: size of the shared embedding space every tower projects into.
         modes: ``trainable`` (default), ``frozen`` or ``disabled`` per modality.
+        heads: projection head per modality: ``linear`` (default), ``orthogonal`` (a learned linear map
+            starting as an isometry, so the embedding starts with the representation's geometry) or
+            ``identity`` (none: the representation is the embedding; needs its width to be ``embed_dim``).
+            A ``disabled`` tower with an ``identity`` head uses an input embedding exactly as it is.
         weights: encoder weights file per modality (state dict or checkpoint), e.g. for a frozen tower.
         weights_prefix: key prefix to select and strip in that file, per modality.
         pair_weights: weight of each modality pair's loss, keyed ``"a-b"`` (e.g. ``{"tx-mol": 2.0}``);
             unnamed pairs weigh 1. The loss is the weighted mean over pairs.
         retrieval_k: the ``k`` of the evaluation recall@k metrics (row and perturbation level).
+        grad_cache_chunk: gradient caching (GradCache, Gao et al. 2021) with chunks of this many rows per
+            process; ``None`` (default): off. The towers embed the batch chunk by chunk without graphs, the
+            loss and its gradient with respect to the embeddings are computed on the whole (global) batch,
+            then each chunk is re-run with the same dropout masks and back-propagates its rows' cached
+            gradient. The gradient is the whole batch's, with one chunk's activations in memory, for a
+            second forward pass of the towers. Towers must not use batch normalisation in training mode
+            (its statistics would be per chunk).
         schema: filled in from the data at the start of training; leave unset.
-        **kwargs: optimizer and learning-rate scheduler, see :class:`unimodality.setup.Setup`.
+        **kwargs: optimizer, learning-rate scheduler, ``tower_optim`` and ``preservation`` (towers are named
+            by modality), see `unimodality.setup.Setup`.
     """
 
     def __init__(
@@ -48,10 +61,12 @@ class CrossModalSetup(Setup):
         loss: ContrastiveLoss = lazy_instance(ClipLoss),
         embed_dim: int = 128,
         modes: dict[str, TowerMode] | None = None,
+        heads: dict[str, HeadKind] | None = None,
         weights: dict[str, str] | None = None,
         weights_prefix: dict[str, str] | None = None,
         pair_weights: dict[str, float] | None = None,
         retrieval_k: list[int] = [1, 5, 10],
+        grad_cache_chunk: int | None = None,
         schema: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -59,10 +74,19 @@ class CrossModalSetup(Setup):
         self.save_hyperparameters()
         if embed_dim < 1:
             raise ValueError(f"CrossModalSetup: embed_dim must be at least 1, got {embed_dim}")
+        if grad_cache_chunk is not None and (
+                isinstance(grad_cache_chunk, bool) or not isinstance(grad_cache_chunk, int) or grad_cache_chunk < 1):
+            raise ValueError(f"CrossModalSetup: grad_cache_chunk (rows per chunk) must be an integer >= 1 or null "
+                             f"(off), got {grad_cache_chunk!r}")
+        if grad_cache_chunk is not None and type(self).training_step is not CrossModalSetup.training_step:
+            raise ValueError(f"{type(self).__name__}: grad_cache_chunk is not supported (its training step is its "
+                             "own); leave it unset")
+        self.grad_cache_chunk = grad_cache_chunk
         self.encoders = dict(encoders or {})
         self.loss = self.own_default("loss", loss)
         self.embed_dim = embed_dim
         self.modes = dict(modes or {})
+        self.heads = dict(heads or {})
         self.weights = dict(weights or {})
         self.weights_prefix = dict(weights_prefix or {})
         self.pair_weights = dict(pair_weights or {})
@@ -78,7 +102,8 @@ class CrossModalSetup(Setup):
     # -- building from the data's schema -------------------------------------------------------------
     def build(self, schema: dict[str, dict[str, Any]]) -> None:
         """Create one tower per modality of ``schema``."""
-        unknown = sorted((set(self.encoders) | set(self.modes) | set(self.weights)) - set(schema))
+        named = set(self.encoders) | set(self.modes) | set(self.heads) | set(self.weights) | set(self.preservation)
+        unknown = sorted((named | set(self.tower_optim)) - set(schema))
         if unknown:
             raise ValueError(
                 f"model settings name modalities {unknown} that the data does not have; "
@@ -97,10 +122,16 @@ class CrossModalSetup(Setup):
                     f"modality {name!r} has {kind} as input: a disabled tower passes feature vectors straight to "
                     "its projection head, so it needs an encoder (trainable or frozen)"
                 )
+            if name in self.preservation and kind not in ("vectors", "images"):
+                raise ValueError(
+                    f"model.preservation.{name}: the CKA preservation term compares a tower's input rows with its "
+                    f"embedding, so it needs vectors or images; modality {name!r} has {kind}"
+                )
             n_features = len(entry["features"])
             encoder = self.encoders[name](n_features) if mode != "disabled" else None
             self.towers[name] = Tower(
-                n_features, self.embed_dim, encoder, mode, self.weights.get(name), self.weights_prefix.get(name)
+                n_features, self.embed_dim, encoder, mode, self.weights.get(name), self.weights_prefix.get(name),
+                self.heads.get(name, "linear"),
             )
         self.pairs = list(itertools.combinations(schema, 2))
         names = {f"{a}-{b}": (a, b) for a, b in self.pairs} | {f"{b}-{a}": (a, b) for a, b in self.pairs}
@@ -144,17 +175,67 @@ class CrossModalSetup(Setup):
         return (losses * self._pair_weights).sum() / self._pair_weights.sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        local = self.loss_inputs(batch)
+        batch_size = len(batch[GROUP])
+        if self.grad_cache_chunk is not None:  # always when set: every process must gather in the same order
+            return self._cached_training_step(batch, batch_size)
+        return self._training_loss(self.loss_inputs(batch), batch, batch_size)
+
+    def _training_loss(self, local: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                       batch_size: int) -> torch.Tensor:
+        """The training loss (plus preservation terms) of this process's embeddings; logs on logging steps.
+
+        Args:
+            local: what the loss takes (`loss_inputs`) of this process's rows, per modality.
+            batch: the training batch (its groups, and the inputs of the preservation terms).
+            batch_size: rows on this process, for the logger.
+        """
         # the loss sees the global batch: every process's embeddings, with gradients
         embeddings = {name: gather_with_grad(e) for name, e in local.items()}
         loss = self._loss(embeddings, gather(batch[GROUP]))
-        batch_size = len(batch[GROUP])
+        if self.preservation:
+            preserved = self.normalized({name: embeddings[name] for name in self.preservation})
+            extra = self.preservation_loss({name: batch[name] for name in self.preservation}, preserved, batch_size)
+            if extra is not None:
+                loss = loss + extra
         if self.is_logging_step():
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
             for key, value in self.loss.extra_metrics().items():
                 self.log(f"train/{key}", value, batch_size=batch_size)
             self._log_diagnostics(embeddings, batch_size)
         return loss
+
+    def _cached_training_step(self, batch: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+        """`training_step` by gradient caching (see `unimodality.grad_cache`): returns a tensor whose value
+        is the loss and whose backward gives every parameter the plain step's gradient.
+
+        Args:
+            batch: the training batch.
+            batch_size: rows on this process.
+        """
+        self._check_grad_cache()
+        names = [name for name in self.towers if name in batch]
+
+        def embed(rows: slice) -> dict[str, torch.Tensor]:
+            return self.loss_inputs({name: take_rows(batch[name], rows) for name in names})
+
+        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) if self._trainer else None
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        params = [p for p in self.parameters() if p.requires_grad]
+        _, surrogate = cached_gradients(batch_size, self.grad_cache_chunk, embed,
+                                        lambda local: self._training_loss(local, batch, batch_size), params,
+                                        self.device, scale)
+        return surrogate
+
+    def _check_grad_cache(self) -> None:
+        """One line naming the option when a tower normalises over the batch (per chunk, under caching)."""
+        for name, tower in self.towers.items():
+            norms = [m for m in tower.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+            if norms:
+                raise ValueError(
+                    f"model.init_args.grad_cache_chunk: tower {name!r} uses batch normalisation "
+                    f"({type(norms[0]).__name__}), whose statistics would be those of each chunk rather than the "
+                    "batch: use norm: layer (or group) in its encoder, freeze it, or turn gradient caching off"
+                )
 
     @torch.no_grad()
     def _log_diagnostics(self, embeddings: dict[str, torch.Tensor], batch_size: int) -> None:
@@ -197,8 +278,7 @@ class CrossModalSetup(Setup):
             if a not in distinct or b not in distinct:
                 continue
             (ea, ga), (eb, gb) = rows[a], rows[b]
-            forward = row_recall(ea, eb, ga, gb, self.retrieval_k)
-            backward = row_recall(eb, ea, gb, ga, self.retrieval_k)
+            forward, backward = cross_recall(ea, eb, ga, gb, self.retrieval_k)  # one similarity matrix
             for i, k in enumerate(self.retrieval_k):
                 out[f"recall@{k}/{a}->{b}"], out[f"recall@{k}/{b}->{a}"] = forward[i], backward[i]
                 row_values[k] += [forward[i], backward[i]]
@@ -230,7 +310,7 @@ class CrossModalSetup(Setup):
             self.last_evaluation["stage"] = stage
         for name, value in metrics.items():
             # every process computed the same values from the gathered rows: no further reduction
-            self.log(f"{stage}/{name}", value.float(), prog_bar=name == "recall@1")
+            self.log(f"{stage}/{name}", value.float(), prog_bar=name in ("recall@1", "pert/mrr"))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._evaluation_step(batch, "val")

@@ -54,7 +54,9 @@ class SimCLRSetup(Setup):
         projection_hidden: hidden width of the projection head; default: the encoder's output width.
         retrieval_k: the ``k`` of the evaluation recall@k metrics.
         schema: filled in from the data at the start of training; leave unset.
-        **kwargs: optimizer and learning-rate scheduler, see :class:`unimodality.setup.Setup`.
+        **kwargs: optimizer, learning-rate scheduler, ``tower_optim`` and ``preservation`` (the one tower,
+            encoder and projection head, is named by the modality; its preservation term compares the
+            augmented views with their representations), see `unimodality.setup.Setup`.
     """
 
     def __init__(
@@ -96,6 +98,12 @@ class SimCLRSetup(Setup):
         if self.make_encoder is None:
             raise ValueError("SimCLRSetup has no encoder: set model.encoder (e.g. MLPEncoder)")
         (name, entry), = schema.items()
+        unknown = sorted((set(self.tower_optim) | set(self.preservation)) - {name})
+        if unknown:
+            raise ValueError(
+                f"model settings (tower_optim, preservation) name {unknown}; SimCLRSetup's one tower is the "
+                f"data's modality {name!r}"
+            )
         n_features = len(entry["features"])
         encoder = self.make_encoder(n_features)
         if encoder.in_features != n_features:
@@ -108,6 +116,12 @@ class SimCLRSetup(Setup):
         self.remember_schema(schema)
         if not len(self.augmentations):
             log.warning("SimCLRSetup has no augmentations: the two views differ only by the encoder's dropout")
+
+    def tower_modules(self) -> dict[str, nn.Module]:
+        """The one tower (encoder and projection head), named by the modality."""
+        if self.modality is None:
+            return {}
+        return {self.modality: nn.ModuleList([self.encoder, self.projection])}
 
     # -- the model -------------------------------------------------------------------------------------
     def _input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -127,16 +141,30 @@ class SimCLRSetup(Setup):
     def _views(self, x: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """What the loss sees of two augmented views of ``x`` (one encoder pass over both): L2-normalised
         projections, or raw ones for a loss that sets ``normalized_inputs = False`` (e.g. VICReg)."""
+        return self._views_and_representations(x, augment)[0]
+
+    def _views_and_representations(
+        self, x: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """`_views`, the two views stacked, and their representations (for the preservation term)."""
         views = torch.cat([augment(x), augment(x)])
-        return self.project(self.encoder(views), normalize=self.loss.normalized_inputs).split(x.shape[0])
+        representations = self.encoder(views)
+        projected = self.project(representations, normalize=self.loss.normalized_inputs).split(x.shape[0])
+        return projected, views, representations
 
     # -- steps -------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        a, b = self._views(self._input(batch), self.augmentations)
+        (a, b), views, representations = self._views_and_representations(self._input(batch), self.augmentations)
         # the loss sees the global batch: every process's projections, with gradients
         a, b = gather_with_grad(a), gather_with_grad(b)
         loss = self.loss(a, b, gather(batch[GROUP]))
         batch_size = len(batch[GROUP])
+        if self.preservation:
+            # the two views stacked per process, [a; b] on each rank: the same rows as one process would pair
+            extra = self.preservation_loss({self.modality: views}, {self.modality: gather_with_grad(representations)},
+                                           batch_size)
+            if extra is not None:
+                loss = loss + extra
         if self.is_logging_step():
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
             for key, value in self.loss.extra_metrics().items():

@@ -69,12 +69,12 @@ class AnnDataSource(ModalitySource):
             augmentation"); validation, testing and predict use ``obsm``.
         alternative_weights: how often each representation is drawn in training: ``obsm`` first, then the
             alternatives in order (default: equally often).
-        key_columns: see :class:`ModalitySource`.
-        transform: see :class:`ModalitySource`.
-        include: keep only rows whose metadata holds the listed values; see :class:`ModalitySource`.
-        exclude: leave out rows whose metadata holds the listed values; see :class:`ModalitySource`.
+        key_columns: see `ModalitySource`.
+        transform: see `ModalitySource`.
+        include: keep only rows whose metadata holds the listed values; see `ModalitySource`.
+        exclude: leave out rows whose metadata holds the listed values; see `ModalitySource`.
         metadata_features: numeric metadata columns fed to the tower too (dose as an input, e.g.
-            ``{treatment_concentration: log10}``); see :class:`ModalitySource`.
+            ``{treatment_concentration: log10}``); see `ModalitySource`.
     """
 
     format = "h5ad"
@@ -233,8 +233,10 @@ class AnnDataSource(ModalitySource):
                 obs[name] = obs.index.to_numpy()
             missing = [c for c in columns if c not in obs.columns]
             if missing:
+                index_names = " or ".join(repr(n) for n in dict.fromkeys([obs.index.name, "obs_names"]) if n)
                 raise DataError(
-                    f"{self.file}: obs has no column(s) {missing}; available: {list(obs.columns)}"
+                    f"{self.file}: obs has no column(s) {missing}; available: {list(obs.columns)}, and the obs "
+                    f"index as {index_names}"
                 )
             obs = obs[columns]
         return obs

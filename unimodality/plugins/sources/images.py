@@ -302,9 +302,9 @@ class ImageSource(ModalitySource):
         mean: per-channel means (a list in channel order, or by channel name); default: computed.
         std: per-channel standard deviations, likewise.
         stats_sample: how many images (evenly spaced over the file) the statistics are computed from.
-        key_columns: see :class:`~unimodality.sources.ModalitySource`.
-        include: keep only rows whose metadata holds the listed values; see :class:`ModalitySource`.
-        exclude: leave out rows whose metadata holds the listed values; see :class:`ModalitySource`.
+        key_columns: see `ModalitySource`.
+        include: keep only rows whose metadata holds the listed values; see `ModalitySource`.
+        exclude: leave out rows whose metadata holds the listed values; see `ModalitySource`.
     """
 
     format = "images"

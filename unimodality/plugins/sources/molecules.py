@@ -63,7 +63,7 @@ def _one_hot(value: Any, choices: Sequence[Any], other: bool = True) -> list[flo
 
 
 def atom_features(atom: Any) -> list[float]:
-    """The :data:`ATOM_FEATURES` of one RDKit atom."""
+    """The `ATOM_FEATURES` of one RDKit atom."""
     chirality = _CHIRALITY.get(str(atom.GetChiralTag()), "none")
     return (
         _one_hot(atom.GetSymbol(), _ELEMENTS)
@@ -77,7 +77,7 @@ def atom_features(atom: Any) -> list[float]:
 
 
 def bond_features(bond: Any) -> list[float]:
-    """The :data:`BOND_FEATURES` of one RDKit bond."""
+    """The `BOND_FEATURES` of one RDKit bond."""
     stereo = str(bond.GetStereo())
     stereo = "none" if stereo == "STEREONONE" else _STEREO.get(stereo, "other")
     return (
@@ -147,7 +147,7 @@ class MoleculeSource(ModalitySource):
     """Molecules named by a SMILES column of any supported file (``.h5ad`` obs, parquet, CSV/TSV).
 
     The column can be a pairing key itself (the perturbation's compound) or a column of its own. Each
-    distinct SMILES is parsed and featurised once per run (see :mod:`unimodality.plugins.sources.molecules` for the atom
+    distinct SMILES is parsed and featurised once per run (see `unimodality.plugins.sources.molecules` for the atom
     and bond features); rows sharing a molecule share its graph.
 
     Args:
@@ -156,9 +156,9 @@ class MoleculeSource(ModalitySource):
         invalid: what to do with rows whose SMILES RDKit cannot parse: ``error`` (default; the message
             lists the first offending rows and their count) or ``drop`` (leave those rows out and report
             how many were dropped).
-        key_columns: see :class:`~unimodality.sources.ModalitySource`.
-        include: keep only rows whose metadata holds the listed values; see :class:`ModalitySource`.
-        exclude: leave out rows whose metadata holds the listed values; see :class:`ModalitySource`.
+        key_columns: see `ModalitySource`.
+        include: keep only rows whose metadata holds the listed values; see `ModalitySource`.
+        exclude: leave out rows whose metadata holds the listed values; see `ModalitySource`.
     """
 
     format = "molecules"

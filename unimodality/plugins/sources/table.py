@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ from unimodality.sources import (
     feature_column,
     feature_columns,
     features_block,
+    is_numeric_type,
     is_parquet,
     is_vector_type,
     parquet_dataset,
@@ -32,28 +33,39 @@ from unimodality.sources import (
 if TYPE_CHECKING:
     from unimodality.streaming import RowStore
 
+#: ``features: numeric``: every numeric column that is not metadata
+NUMERIC = "numeric"
+
 
 class TableSource(ModalitySource):
     """A modality stored in a table (parquet, or CSV/TSV, optionally gzipped): metadata + feature columns.
 
     Select the feature columns with exactly one of ``features``, ``feature_prefix`` or ``feature_regex``;
-    every other column is metadata. A selected column may hold one vector per row (a list, large list or
-    fixed-size list of numbers, e.g. an image model's embedding of each well): its elements are features
-    named ``<column>[0]``, ``<column>[1]``, ...; scalar and list columns mix freely.
+    every other column is metadata. ``features: numeric`` selects every numeric (or list-of-numbers) column
+    except the ``key_columns`` (which it needs, so that a numeric key such as a dose is never taken for a
+    feature), the columns the row filters and ``metadata_features`` name, and those listed in
+    ``metadata_columns``: e.g. CITE-seq protein counts, whose names share no prefix.
+
+    A selected column may hold one vector per row (a list, large list or fixed-size list of numbers, e.g. an
+    image model's embedding of each well): its elements are features named ``<column>[0]``, ``<column>[1]``,
+    ...; scalar and list columns mix freely.
 
     Args:
         path: the table file (``.parquet``, ``.csv``, ``.csv.gz``, ``.tsv``, ``.tsv.gz``), or a folder of
             parquet files read as one table (in path order; Hive-style partition folders such as
             ``plate=P1/`` become metadata columns; every file must have the same columns).
-        features: the feature columns by name (a list column stands for all its elements; ``col[i]`` names one).
+        features: the feature columns by name (a list column stands for all its elements; ``col[i]`` names one),
+            or ``numeric``: every numeric column that is not metadata (see above).
         feature_prefix: every column whose name starts with this prefix is a feature.
         feature_regex: every column whose name matches this regular expression is a feature.
-        key_columns: see :class:`ModalitySource`.
-        transform: see :class:`ModalitySource`.
-        include: keep only rows whose metadata holds the listed values; see :class:`ModalitySource`.
-        exclude: leave out rows whose metadata holds the listed values; see :class:`ModalitySource`.
+        metadata_columns: with ``features: numeric``, numeric columns that are metadata, not features (e.g. a
+            plate number or a dose kept for reference).
+        key_columns: see `ModalitySource`.
+        transform: see `ModalitySource`.
+        include: keep only rows whose metadata holds the listed values; see `ModalitySource`.
+        exclude: leave out rows whose metadata holds the listed values; see `ModalitySource`.
         metadata_features: numeric metadata columns fed to the tower too (dose as an input, e.g.
-            ``{treatment_concentration: log10}``); see :class:`ModalitySource`.
+            ``{treatment_concentration: log10}``); see `ModalitySource`.
     """
 
     format = "table"
@@ -63,9 +75,10 @@ class TableSource(ModalitySource):
     def __init__(
         self,
         path: str,
-        features: list[str] | None = None,
+        features: list[str] | Literal["numeric"] | None = None,
         feature_prefix: str | None = None,
         feature_regex: str | None = None,
+        metadata_columns: list[str] | None = None,
         key_columns: list[str] | None = None,
         transform: Transform = "none",
         include: RowFilter | None = None,
@@ -80,7 +93,17 @@ class TableSource(ModalitySource):
                 "TableSource: select the feature columns with exactly one of features (a list of names), "
                 f"feature_prefix or feature_regex (path: {path})"
             )
+        if isinstance(features, str) and features != NUMERIC:
+            raise ValueError(f"TableSource: features is a list of column names or {NUMERIC!r}, got {features!r} "
+                             f"(path: {path})")
+        if features == NUMERIC and not key_columns:
+            raise ValueError(f"TableSource: features: {NUMERIC} needs key_columns (the key columns are metadata, "
+                             f"never features, even when numeric) (path: {path})")
+        if metadata_columns and features != NUMERIC:
+            raise ValueError("TableSource: metadata_columns goes with features: numeric (with a list, prefix or regex "
+                             f"every other column is metadata already) (path: {path})")
         self.features = features
+        self.metadata_columns = list(metadata_columns or [])
         self.feature_prefix = feature_prefix
         self.feature_regex = feature_regex
         self._table: pa.Table | None = None
@@ -89,6 +112,7 @@ class TableSource(ModalitySource):
         described = super().describe()
         # a new file is read by the exact columns the model was trained on
         described["init_args"].update(features=list(self.feature_names()), feature_prefix=None, feature_regex=None)
+        described["init_args"].pop("metadata_columns", None)  # (features: numeric only) the list says it all
         return described
 
     @property
@@ -113,6 +137,8 @@ class TableSource(ModalitySource):
     def _read_feature_names(self) -> list[str]:
         schema = self._schema()
         columns = list(schema.names)
+        if self.features == NUMERIC:
+            return self._expand(self._numeric_columns(schema), schema)
         if self.features is not None:  # checked against the file when read (align or error)
             return self._expand(list(self.features), schema)
         if self.feature_prefix is not None:
@@ -125,6 +151,20 @@ class TableSource(ModalitySource):
         if not names:
             raise DataError(f"{self.file}: no column matches the feature {what}; columns: {columns[:10]}...")
         return self._expand(names, schema)
+
+    def _numeric_columns(self, schema: pa.Schema) -> list[str]:
+        """``features: numeric``: the numeric (or list-of-numbers) columns that no setting names as metadata."""
+        metadata = {*self.key_columns, *self.include, *self.exclude, *self.metadata_features, *self.metadata_columns}
+        absent = [c for c in [*self.key_columns, *self.metadata_columns] if c not in schema.names]
+        if absent:
+            raise DataError(f"{self.file}: has no column(s) {absent} (key_columns / metadata_columns); columns: "
+                            f"{schema.names[:10]}...")
+        names = [field.name for field in schema if field.name not in metadata
+                 and (is_numeric_type(field.type) or is_vector_type(field.type))]
+        if not names:
+            raise DataError(f"{self.file}: features: numeric found no numeric column besides the metadata "
+                            f"{sorted(metadata)}; columns: {schema.names[:10]}...")
+        return names
 
     def _expand(self, names: list[str], schema: pa.Schema) -> list[str]:
         """Feature names with each list column replaced by the names of its elements."""
@@ -160,7 +200,7 @@ class TableSource(ModalitySource):
 
     def _read_raw(self, rows: np.ndarray | None) -> Matrix:
         names = self.feature_names()
-        if self.features is not None:
+        if self.features is not None and self.features != NUMERIC:
             check_feature_columns(self.file, self._schema(), names)
         return self._read_columns(self._own_columns(names), rows)
 
@@ -174,7 +214,7 @@ class TableSource(ModalitySource):
 
     def row_store(self, cache_dir: str | Path | None = None) -> RowStore:
         """Rows read from a row-major ``.npy`` cache of the feature columns, built once (Arrow has no fast
-        random row access); see :func:`unimodality.streaming.table_cache`."""
+        random row access); see `unimodality.streaming.table_cache`."""
         from unimodality.streaming import NpyStore, table_cache
 
         return NpyStore(table_cache(self, cache_dir))
