@@ -12,6 +12,14 @@ with the fold standard deviation, and each method's MRR difference from ridge in
     python benchmarks/methods.py --methods ridge ClipLoss VICRegLoss --folds 3
 
 Writes ``benchmarks/results/methods.json``.
+
+Seen (seed 0, torch 2.13 CPU, 60 epochs, epoch picked by inner-validation MRR; MRR mean of both directions
+over 5 folds +- the folds' standard deviation; MRR - ridge paired over folds): SigLIP 0.270 +- 0.018
+(+0.017 +- 0.028), Sinkhorn 0.265 +- 0.011 (+0.012 +- 0.016), CLIP 0.265 +- 0.013 (+0.012 +- 0.022), VICReg
+0.255, ridge 0.253 +- 0.012, S2L 0.253, CWCL 0.241, CCA 0.239, Hopfield 0.232, deep CCA 0.054 (chance 0.052:
+the CCA objective alone does not align the two embeddings for cosine retrieval; give ``DCCALoss`` an
+``alignment`` weight). Three losses lead ridge in 4 of 5 folds, none by more than the paired fold spread:
+with 360 training cells a linear map remains hard to beat.
 """
 
 from __future__ import annotations
