@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from unimodality.loss import ContrastiveLoss
 from unimodality.metrics import SameGroupRecall
 from unimodality.plugins.losses.dino import DINOLoss
 from unimodality.plugins.setups.cross_modal import CrossModalSetup
-from unimodality.plugins.setups.simclr import EVALUATION_SEED
+from unimodality.plugins.setups.single_modality import SingleModalitySteps
 from unimodality.setup import Setup
 
 log = logging.getLogger(__name__)
@@ -148,7 +147,7 @@ def _check_schedule(owner: str, teacher_momentum: float, final_teacher_momentum:
         raise ValueError(f"{owner}: freeze_last_layer_steps must be >= 0, got {freeze_last_layer_steps}")
 
 
-class DINOSetup(_EMATeacher, Setup):
+class DINOSetup(_EMATeacher, SingleModalitySteps, Setup):
     """DINO on one modality: a student and its EMA teacher see two augmented views of each sample.
 
     ``view -> encoder -> DINOHead -> K prototype logits``, for the student and for the teacher (a copy of
@@ -255,15 +254,6 @@ class DINOSetup(_EMATeacher, Setup):
         return getattr(self, "teacher", None)
 
     # -- the model -------------------------------------------------------------------------------------
-    def _input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.modality not in batch:
-            raise ValueError(f"DINOSetup learns modality {self.modality!r}; the batch holds {list(batch)}")
-        return batch[self.modality]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The student's representation (encoder output) of ``x``: what ``predict`` returns."""
-        return self.encoder(x)
-
     def _outputs(self, x: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Student and teacher prototype logits of two augmented views of ``x``, each stacked view after view
         over the global batch (each view gathered on its own, so the views stay in blocks)."""
@@ -291,14 +281,6 @@ class DINOSetup(_EMATeacher, Setup):
                 self.log("train/teacher_entropy", entropy, batch_size=batch_size)
         return loss
 
-    @contextlib.contextmanager
-    def _evaluation_rng(self, batch_idx: int) -> Iterator[None]:
-        """Fixed augmentations for evaluation batches, without touching the training random stream."""
-        devices = [] if self.device.type == "cpu" else [self.device.index or 0]
-        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-            torch.manual_seed(EVALUATION_SEED + 1_000_003 * self.global_rank + batch_idx)
-            yield
-
     def _evaluation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
         x, group = self._input(batch), batch[GROUP]
         self.retrieval.update(self.encoder(x), group)
@@ -307,26 +289,6 @@ class DINOSetup(_EMATeacher, Setup):
         loss = self.loss(student, teacher, gather(group))  # the loss is in eval mode: no centre update
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(group))
         return loss
-
-    def _log_retrieval(self, stage: str) -> None:
-        for name, value in self.retrieval.compute().items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "recall@1")
-        self.retrieval.reset()
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._evaluation_step(batch, batch_idx, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_retrieval("val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._evaluation_step(batch, batch_idx, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_retrieval("test")
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {INDEX: batch[INDEX], "embedding": self.encoder(self._input(batch))}
 
 
 class CrossModalDINOSetup(_EMATeacher, CrossModalSetup):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,21 +13,21 @@ from torch import nn
 
 from unimodality import diagnostics
 from unimodality.augmentation import Augmentation, Compose
-from unimodality.batch import GROUP, INDEX
+from unimodality.batch import GROUP
 from unimodality.distributed import gather, gather_with_grad
 from unimodality.encoder import Encoder
 from unimodality.loss import ContrastiveLoss
 from unimodality.metrics import SameGroupRecall
 from unimodality.plugins.losses.ntxent import NTXentLoss
+from unimodality.plugins.setups.single_modality import SingleModalitySteps
 from unimodality.setup import Setup
 
 log = logging.getLogger(__name__)
 
 #: seed of the augmented views of validation/test batches (so the evaluation loss is repeatable)
-EVALUATION_SEED = 2020
 
 
-class SimCLRSetup(Setup):
+class SimCLRSetup(SingleModalitySteps, Setup):
     """SimCLR on one modality: two augmented views of each sample, encoder, projection head, NT-Xent.
 
     ``view -> encoder -> representation -> projection head (Linear, ReLU, Linear) -> L2 normalisation``
@@ -124,15 +123,6 @@ class SimCLRSetup(Setup):
         return {self.modality: nn.ModuleList([self.encoder, self.projection])}
 
     # -- the model -------------------------------------------------------------------------------------
-    def _input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.modality not in batch:
-            raise ValueError(f"SimCLRSetup learns modality {self.modality!r}; the batch holds {list(batch)}")
-        return batch[self.modality]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The representation (encoder output) of ``x``: what ``predict`` returns."""
-        return self.encoder(x)
-
     def project(self, representation: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """L2-normalised projections of representations (the head's raw output with ``normalize=False``)."""
         projected = self.projection(representation)
@@ -176,14 +166,6 @@ class SimCLRSetup(Setup):
                 self.log("train/uniformity", diagnostics.uniformity(a.float()), batch_size=batch_size)
         return loss
 
-    @contextlib.contextmanager
-    def _evaluation_rng(self, batch_idx: int) -> Iterator[None]:
-        """Fixed augmentations for evaluation batches, without touching the training random stream."""
-        devices = [] if self.device.type == "cpu" else [self.device.index or 0]  # the CPU's is always forked
-        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-            torch.manual_seed(EVALUATION_SEED + 1_000_003 * self.global_rank + batch_idx)
-            yield
-
     def _evaluation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
         x, group = self._input(batch), batch[GROUP]
         self.retrieval.update(self.encoder(x), group)
@@ -192,23 +174,3 @@ class SimCLRSetup(Setup):
         loss = self.loss(a, b, group)
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(group))
         return loss
-
-    def _log_retrieval(self, stage: str) -> None:
-        for name, value in self.retrieval.compute().items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "recall@1")
-        self.retrieval.reset()
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._evaluation_step(batch, batch_idx, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_retrieval("val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._evaluation_step(batch, batch_idx, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_retrieval("test")
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {INDEX: batch[INDEX], "embedding": self.encoder(self._input(batch))}
