@@ -20,6 +20,11 @@ peak RSS of C <= baseline + 2 buffers; C feeds >= 2 x what an MLP encoder consum
     python benchmarks/loader.py --dir /tmp/unimodality-bench     # about 10 min the first time (generation)
     python benchmarks/loader.py --cases csr csr_sharded           # some cases only
     python benchmarks/loader.py --huge-gb 20 --batches 2000        # a 20 GB file streamed cold, then deleted
+
+Seen with --huge-gb 20 (2.5 M cells x 20,000 genes, 5 % non-zero, 20.1 GB on 24 GB of RAM; 2 cores, 512,000
+rows per pass, cold): peak RSS 0.83 GB; C 22,553 rows/s = 0.47 x reading the same rows in order into dense
+batches with h5py (47,539 rows/s; 0.20 x raw sequential reads, 917 MB/s); D (the loader with buffer-sized
+blocks) 45,466 rows/s = 0.96 x that baseline.
 """
 
 from __future__ import annotations
