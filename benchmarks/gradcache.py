@@ -35,27 +35,12 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from losses import _reset_peak, _resident  # noqa: E402  (memory measured as the loss benchmark measures it)
+
 RESULTS = Path(__file__).resolve().parent / "results" / "grad_cache.json"
 #: defaults per device: (rows, chunks, input features, hidden sizes)
 DEFAULTS = {"cpu": (4096, [256, 1024], 1000, [1024, 512]), "cuda": (16384, [1024, 4096], 2000, [4096, 2048])}
-
-
-def _resident() -> tuple[int, int] | None:
-    """(peak, current) resident set in bytes, or None where /proc is not there."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return int(fields["VmHWM"].split()[0]) * 1024, int(fields["VmRSS"].split()[0]) * 1024
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def measure(args: argparse.Namespace) -> dict:

@@ -226,18 +226,8 @@ class DINOSetup(_EMATeacher, SingleModalitySteps, Setup):
 
     def build(self, schema: dict[str, dict[str, Any]]) -> None:
         """Create the student (encoder and head) for the one modality of ``schema``, and its teacher."""
-        if len(schema) != 1:
-            raise ValueError(
-                f"DINOSetup learns one modality; the data has {sorted(schema)}: use a single-modality datamodule "
-                "such as SingleDataModule, or CrossModalDINOSetup for several modalities"
-            )
-        if self.make_encoder is None:
-            raise ValueError("DINOSetup has no encoder: set model.encoder (e.g. MLPEncoder)")
-        (name, entry), = schema.items()
-        n_features = len(entry["features"])
-        encoder = self.make_encoder(n_features)
-        if encoder.in_features != n_features:
-            raise ValueError(f"encoder expects {encoder.in_features} input features, data has {n_features}")
+        name, entry = self._only_modality(schema, ", or CrossModalDINOSetup for several modalities")
+        encoder = self._new_encoder(entry)
         self.encoder = encoder
         self.head = DINOHead(encoder.out_features, **self.head_settings)
         self.teacher = frozen_copy(nn.ModuleDict({"encoder": self.encoder, "head": self.head}))

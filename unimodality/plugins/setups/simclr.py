@@ -89,24 +89,14 @@ class SimCLRSetup(SingleModalitySteps, Setup):
     # -- building from the data's schema -------------------------------------------------------------
     def build(self, schema: dict[str, dict[str, Any]]) -> None:
         """Create the encoder and projection head for the one modality of ``schema``."""
-        if len(schema) != 1:
-            raise ValueError(
-                f"SimCLRSetup learns one modality; the data has {sorted(schema)}: use a single-modality "
-                "datamodule such as SingleDataModule"
-            )
-        if self.make_encoder is None:
-            raise ValueError("SimCLRSetup has no encoder: set model.encoder (e.g. MLPEncoder)")
-        (name, entry), = schema.items()
+        name, entry = self._only_modality(schema)
         unknown = sorted((set(self.tower_optim) | set(self.preservation)) - {name})
         if unknown:
             raise ValueError(
                 f"model settings (tower_optim, preservation) name {unknown}; SimCLRSetup's one tower is the "
                 f"data's modality {name!r}"
             )
-        n_features = len(entry["features"])
-        encoder = self.make_encoder(n_features)
-        if encoder.in_features != n_features:
-            raise ValueError(f"encoder expects {encoder.in_features} input features, data has {n_features}")
+        encoder = self._new_encoder(entry)
         width = encoder.out_features
         hidden = self.projection_hidden or width
         self.encoder = encoder

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -18,9 +19,29 @@ EVALUATION_SEED = 2020
 class SingleModalitySteps:
     """Steps of a setup that learns one modality from augmented views of it.
 
-    The setup provides ``modality``, ``encoder``, ``retrieval`` (a `SameGroupRecall`) and
+    The setup provides ``make_encoder``, ``modality``, ``encoder``, ``retrieval`` (a `SameGroupRecall`) and
     ``_evaluation_step(batch, batch_idx, stage)``, which updates ``retrieval`` and returns the loss.
     """
+
+    def _only_modality(self, schema: dict[str, dict[str, Any]], other: str = "") -> tuple[str, dict[str, Any]]:
+        """The name and schema entry of the data's one modality; ``other`` suggests a setup for several."""
+        if len(schema) != 1:
+            raise ValueError(
+                f"{type(self).__name__} learns one modality; the data has {sorted(schema)}: use a single-modality "
+                f"datamodule such as SingleDataModule{other}"
+            )
+        if self.make_encoder is None:
+            raise ValueError(f"{type(self).__name__} has no encoder: set model.encoder (e.g. MLPEncoder)")
+        ((name, entry),) = schema.items()
+        return name, entry
+
+    def _new_encoder(self, entry: dict[str, Any]) -> Any:
+        """A new encoder for the modality's features (one line when its input size disagrees)."""
+        n_features = len(entry["features"])
+        encoder = self.make_encoder(n_features)
+        if encoder.in_features != n_features:
+            raise ValueError(f"encoder expects {encoder.in_features} input features, data has {n_features}")
+        return encoder
 
     def _input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.modality not in batch:
