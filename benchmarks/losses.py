@@ -4,7 +4,8 @@ The naive reference computes the same loss the way a direct transcription of the
 Python iteration per anchor, each vectorised over the candidates (VICReg: per anchor for the invariance
 term, per feature for the variance and covariance terms; DCCA: the paper's inverse square roots by
 eigen-decomposition, per-anchor group means; Sinkhorn: autograd through every unrolled iteration,
-as differentiating POT's solver does, instead of the envelope gradient). Both run on the same inputs
+as differentiating POT's solver does, instead of the envelope gradient; DINO and KD: the cross-entropy or
+KL per anchor against the mean target of its replicates). Both run on the same inputs
 and must agree (the script checks it).
 
 ``ClipLoss`` and ``NTXentLoss`` are also timed against the implementations the field uses, transcribed
@@ -22,7 +23,9 @@ round. Times are medians with the range over rounds; the ratios to the anchor ar
 per-round ratios. ``vs clip`` is each loss's time over ``ClipLoss``'s at the same batch and dimension
 (when ``ClipLoss`` is among ``--losses``). Threads: 1 unless ``--threads``.
 
-VICReg and DCCA get un-normalised inputs (``normalized_inputs = False``), the others L2-normalised ones.
+VICReg, DCCA, DINO and KD get un-normalised inputs (``normalized_inputs = False``; DINO and KD: prototype or
+class logits, ``dim`` of them, student first), the others L2-normalised ones. DINO's reference computes its
+centre update too, on its own copy of the loss (the centre is state).
 The unrolled Sinkhorn reference keeps every iteration's ``n x n`` tensors for backward: it is skipped
 above ``--max-naive-sinkhorn`` rows.
 
@@ -37,6 +40,7 @@ Writes ``benchmarks/results/losses.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -52,7 +56,7 @@ import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results" / "losses.json"
 LOSSES = ("ClipLoss", "SigLipLoss", "HopfieldLoss", "NTXentLoss", "VICRegLoss", "DCCALoss", "S2LLoss", "CWCLLoss",
-          "SinkhornLoss")
+          "SinkhornLoss", "DINOLoss", "KDLoss")
 
 
 # -- naive references: one anchor at a time --------------------------------------------------------
@@ -202,9 +206,41 @@ def naive_sinkhorn(loss, a, b, group):
     return total / n
 
 
+def naive_dino(loss, a, b, group):
+    """DINO's cross-entropy per anchor (``a`` the student's prototype logits, ``b`` the teacher's), then the
+    centre's update, as facebookresearch/dino's ``DINOLoss.forward`` and ``update_center`` (one view each)."""
+    teacher = b.detach()
+    if loss.center.numel() == 0:
+        loss.reset_center(teacher.shape[1])
+    probabilities = F.softmax((teacher - loss.center) / loss.current_teacher_temperature(), dim=1)
+    total = 0.0
+    for i in range(len(a)):
+        weights = _positives(group, i).to(a.dtype)
+        target = weights @ probabilities / weights.sum()  # the mean over the anchor's replicates
+        total = total - (target * F.log_softmax(a[i] / loss.student_temperature, dim=0)).sum()
+    with torch.no_grad():
+        momentum = loss.center_momentum
+        loss.center = loss.center * momentum + teacher.mean(dim=0, keepdim=True) * (1 - momentum)
+        loss.steps += 1
+    return total / len(a)
+
+
+def naive_kd(loss, a, b, group):
+    """Hinton's ``T^2 KL(softmax(t / T) || softmax(s / T))`` per anchor (``a`` student, ``b`` teacher logits), the
+    target the mean teacher distribution over the anchor's replicates."""
+    temperature = loss.temperature
+    teacher = F.softmax(b.detach() / temperature, dim=1)
+    total = 0.0
+    for i in range(len(a)):
+        weights = _positives(group, i).to(a.dtype)
+        target = weights @ teacher / weights.sum()
+        total = total + (target * (target.log() - F.log_softmax(a[i] / temperature, dim=0))).sum()
+    return total / len(a) * temperature**2
+
+
 NAIVE = {"ClipLoss": naive_clip, "SigLipLoss": naive_siglip, "HopfieldLoss": naive_hopfield,
          "NTXentLoss": naive_ntxent, "VICRegLoss": naive_vicreg, "DCCALoss": naive_dcca, "S2LLoss": naive_s2l,
-         "CWCLLoss": naive_cwcl, "SinkhornLoss": naive_sinkhorn}
+         "CWCLLoss": naive_cwcl, "SinkhornLoss": naive_sinkhorn, "DINOLoss": naive_dino, "KDLoss": naive_kd}
 
 
 # -- anchors: the field's implementations, transcribed (single process, no memory bank) -------------------
@@ -282,7 +318,9 @@ def measure(name: str, batch: int, dim: int, repeats: int, device: str, naive: b
         impls["textbook"] = lambda a, b: textbook(a, b, group)
         impls["anchor"] = lambda a, b: anchor(textbook, a, b, group)
     if naive:
-        impls["naive"] = lambda a, b: NAIVE[name](loss, a, b, group)
+        # its own copy: a stateful loss (DINO's centre) then starts the reference from the same state
+        reference = copy.deepcopy(loss)
+        impls["naive"] = lambda a, b: NAIVE[name](reference, a, b, group)
 
     def step(compute) -> float:
         a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()

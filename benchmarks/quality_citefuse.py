@@ -34,8 +34,10 @@ import json
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -149,18 +151,22 @@ def fold_labels(n_cells: int, train: np.ndarray, test: np.ndarray, inner_val: in
 
 
 def unimodality_model(
-    loss_name: str | type, folder: Path, labels: np.ndarray, data: Path, seed: int, settings: dict | None = None,
+    loss_name: str | type | None, folder: Path, labels: np.ndarray, data: Path, seed: int,
+    settings: dict | None = None, setup: Callable[..., Any] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Train a CrossModalSetup on the ``train`` cells (epoch picked on the ``val`` cells); similarities of the
     ``test`` cells' embeddings (rows: RNA, columns: proteins; cell i is row and column i).
 
     Args:
-        loss_name: ``CLIP`` or ``Hopfield``, or a loss class (built with its defaults; benchmarks/methods.py).
+        loss_name: ``CLIP`` or ``Hopfield``, or a loss class (built with its defaults; benchmarks/methods.py);
+            ``None``: the setup's own default loss.
         folder: scratch folder of this run.
         labels: split label of every cell (see :func:`fold_labels`); cells labelled ``""`` are left out.
         data: the dataset folder.
         seed: seed of training.
         settings: overrides of ``TRAINING``.
+        setup: builds the model from ``encoders``, ``modes``, ``loss``, ``embed_dim`` and ``optimizer`` keywords
+            (default `CrossModalSetup`; benchmarks/methods.py passes the distillation and DINO setups).
     """
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -189,16 +195,18 @@ def unimodality_model(
         },
         keys=["barcode"], split_column="split", batch_size=config["batch_size"], seed=seed,
     )
-    loss = loss_name() if isinstance(loss_name, type) else ClipLoss() if loss_name == "CLIP" else HopfieldLoss()
-    loss_name = getattr(loss_name, "__name__", loss_name)
-    model = CrossModalSetup(
+    loss = (None if loss_name is None else loss_name() if isinstance(loss_name, type)
+            else ClipLoss() if loss_name == "CLIP" else HopfieldLoss())
+    loss_name = getattr(loss_name, "__name__", loss_name) or "setup"
+    setup = setup or CrossModalSetup
+    model = setup(
         encoders={
             "rna": partial(MLPEncoder, hidden_sizes=config["rna_hidden"], dropout=config["rna_dropout"]),
             **({"adt": partial(MLPEncoder, hidden_sizes=config["adt_hidden"], dropout=config["adt_dropout"])}
                if config["adt_mode"] != "disabled" else {}),
         },
         modes={"adt": config["adt_mode"]},
-        loss=loss, embed_dim=config["embed_dim"],
+        **({"loss": loss} if loss is not None else {}), embed_dim=config["embed_dim"],
         optimizer=partial(torch.optim.AdamW, lr=config["lr"], weight_decay=config["weight_decay"]),
     )
     mode = "min" if config["monitor"].endswith("loss") else "max"
@@ -208,7 +216,7 @@ def unimodality_model(
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                       callbacks=[best])
     trainer.fit(model, datamodule=datamodule)
-    model = CrossModalSetup.load_from_checkpoint(best.best_model_path)
+    model = type(model).load_from_checkpoint(best.best_model_path)
     datamodule.setup("test")
     dataset = datamodule.datasets["test"]
     model.eval()
