@@ -21,9 +21,11 @@ from unimodality.outputs import (
     merge_shards,
     read_parquet_record,
     results_table,
+    unique_in_order,
     write_embeddings,
     write_shard,
 )
+from unimodality.plugins.datamodules.embed import EmbedDataset
 from unimodality.plugins.encoders.mlp import MLPEncoder
 from unimodality.plugins.losses.clip import ClipLoss
 from unimodality.plugins.setups.cross_modal import CrossModalSetup
@@ -95,6 +97,26 @@ def test_shards_merge_in_input_order_without_padding_repeats(tmp_path):
     np.testing.assert_array_equal(rows, np.arange(7))
     np.testing.assert_array_equal(merged, embedding)
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_unique_in_order_keeps_first_occurrences_and_passes_sorted_rows_through():
+    embedding = np.arange(10, dtype=np.float32).reshape(5, 2)
+    rows, kept = unique_in_order(np.array([3, 1, 3, 0, 1]), embedding)
+    np.testing.assert_array_equal(rows, [0, 1, 3])
+    np.testing.assert_array_equal(kept, embedding[[3, 1, 0]])
+    rows, kept = unique_in_order(np.array([0, 2, 5, 6, 9]), embedding)
+    np.testing.assert_array_equal(rows, [0, 2, 5, 6, 9])
+    assert kept is embedding  # one process's rows, already in order: not copied
+
+
+@pytest.mark.parametrize("make", [np.asarray, sp.csr_matrix], ids=["dense", "csr"])
+def test_embed_dataset_batches_of_consecutive_or_scattered_rows(make):
+    features = np.arange(40, dtype=np.float32).reshape(10, 4)
+    dataset = EmbedDataset("tx", make(features), np.arange(10) + 100)
+    for indices in ([2, 3, 4, 5], [7], [1, 2, 4, 5], [5, 4, 3], [3, 3, 4]):
+        batch = dataset.__getitems__(indices)
+        np.testing.assert_array_equal(batch["tx"].numpy(), features[indices])
+        np.testing.assert_array_equal(batch["index"].numpy(), np.asarray(indices) + 100)
 
 
 def test_missing_shard_is_an_error(tmp_path):

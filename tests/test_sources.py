@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from unimodality.plugins.sources.anndata import AnnDataSource
 from unimodality.plugins.sources.formats import source_for
 from unimodality.plugins.sources.table import TableSource
-from unimodality.sources import DataError, align_features, apply_transform
+from unimodality.sources import DataError, align_features, apply_transform, rows_with_nonzero
 
 N_ROWS, N_GENES = 7, 6
 GENES = [f"g{i}" for i in range(N_GENES)]
@@ -248,6 +248,58 @@ def test_read_features_applies_transform_to_requested_rows(h5ad_files, x, kind, 
     np.testing.assert_allclose(dense(got), expected, rtol=1e-6)
     if transform == "clr":  # CLR is per row: reading a subset equals transforming everything then slicing
         np.testing.assert_allclose(expected, clr_reference(x)[rows], rtol=1e-5, atol=1e-6)
+
+
+def many_counts(n_rows: int = 40_000) -> sp.csr_matrix:
+    """Counts over more rows than one block of the in-place transform (16,384), with empty rows."""
+    x = counts_matrix(n_rows, 8, seed=1)
+    x[[16_383, 16_384, 39_999]] = 0  # empty rows at a block's end, a block's start and the last row
+    return sp.csr_matrix(x)
+
+
+@pytest.mark.parametrize("transform", ["log1p", "normalize_log1p"])
+def test_inplace_csr_transform_equals_the_copying_one(transform):
+    matrix = many_counts()
+    expected = apply_transform(matrix.copy(), transform)
+    data = matrix.data
+    got = apply_transform(matrix, transform, inplace=True)
+    assert got is matrix and got.data is data  # overwritten, no copy of the values
+    np.testing.assert_array_equal(got.toarray(), expected.toarray())  # the same float32 values, bit for bit
+
+
+@pytest.mark.parametrize("make", [np.asarray, sp.csr_matrix], ids=["dense", "csr"])
+@pytest.mark.parametrize("transform", ["log1p", "normalize_log1p", "clr"])
+def test_transform_leaves_its_input_alone_unless_inplace(x, make, transform):
+    # evaluation transforms a caller's matrix (inplace=False): it must come back unchanged
+    matrix = make(x.copy())
+    apply_transform(matrix, transform)
+    np.testing.assert_array_equal(dense(matrix), x)
+
+
+def test_inplace_transform_copies_what_it_cannot_overwrite(x):
+    # float64 values, or a read-only array (e.g. memory-mapped), are transformed into a new matrix
+    wide = sp.csr_matrix(x.astype(np.float64))
+    locked = sp.csr_matrix(x)
+    locked.data.flags.writeable = False
+    for matrix in (wide, locked):
+        before = matrix.toarray()
+        out = apply_transform(matrix, "normalize_log1p", inplace=True)
+        assert out is not matrix and out.dtype == np.float32
+        np.testing.assert_array_equal(matrix.toarray(), before)
+
+
+def test_rows_with_nonzero_counts_stored_zeros_as_zeros():
+    matrix = many_counts()
+    np.testing.assert_array_equal(rows_with_nonzero(matrix), np.asarray(matrix.sum(axis=1)).ravel() > 0)
+    # rows whose stored values are all zero (explicit zeros, kept by scipy) are empty too, in every block
+    for row in (5, 20_000, 39_998):
+        matrix.data[matrix.indptr[row]:matrix.indptr[row + 1]] = 0
+    matrix.data[matrix.indptr[7]] = 0  # one stored zero in a row with other values: not empty
+    assert matrix.nnz == many_counts().nnz  # the zeros are stored
+    expected = np.asarray(abs(matrix).sum(axis=1)).ravel() > 0
+    assert not expected[[5, 20_000, 39_998, 16_384]].any() and expected[7]
+    np.testing.assert_array_equal(rows_with_nonzero(matrix), expected)
+    np.testing.assert_array_equal(rows_with_nonzero(matrix.toarray()), expected)
 
 
 def test_unknown_transform_is_refused(parquet_file):

@@ -236,6 +236,8 @@ def merge_shards(folder: Path, world_size: int) -> tuple[np.ndarray, np.ndarray]
 
 def unique_in_order(index: np.ndarray, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique ``index`` values with the embedding of each one's first occurrence."""
+    if np.all(index[1:] > index[:-1]):  # already sorted and unique (one process): no copy of the embeddings
+        return index, embedding
     unique, first = np.unique(index, return_index=True)
     return unique, embedding[first]
 

@@ -291,7 +291,7 @@ class ModalitySource(RecordsInitArgs):
 
     def _check_not_empty(self, matrix: Matrix, rows: np.ndarray | None, empty_rows: str) -> None:
         """Per-row normalisations are undefined for a row of zeros (an empty droplet, a failed well)."""
-        empty = np.flatnonzero(np.asarray(abs(matrix).sum(axis=1)).ravel() == 0)
+        empty = np.flatnonzero(~rows_with_nonzero(matrix))
         if not len(empty):
             return
         file_rows = empty if rows is None else np.asarray(rows)[empty]
@@ -372,10 +372,50 @@ def check_readable(file: Path) -> None:
     _READABLE.add(version)
 
 
+def rows_with_nonzero(matrix: Matrix) -> np.ndarray:
+    """Whether each row holds a non-zero value; a sparse matrix's stored zeros count as zeros. Without a
+    copy of the matrix (``abs(matrix)`` was one: 0.5 GB and 1.4 s for 200,000 cells)."""
+    if not sp.issparse(matrix):
+        return np.asarray(matrix).any(axis=1)
+    matrix = sp.csr_matrix(matrix)
+    indptr, data = matrix.indptr, matrix.data
+    if data[:indptr[-1]].all():  # no stored zero (the usual case): a row holds a value if it stores one
+        return np.diff(indptr) > 0
+    found = np.zeros(matrix.shape[0], dtype=bool)
+    for start, stop in _row_blocks(matrix.shape[0]):  # non-zeros counted a block of rows at a time
+        ptr = indptr[start:stop + 1] - indptr[start]
+        counts = np.concatenate([[0], np.cumsum(data[indptr[start]:indptr[stop]] != 0)])
+        found[start:stop] = counts[ptr[1:]] > counts[ptr[:-1]]
+    return found
+
+
+def _row_blocks(n_rows: int, block_rows: int = 16384) -> list[tuple[int, int]]:
+    return [(start, min(start + block_rows, n_rows)) for start in range(0, n_rows, block_rows)]
+
+
+def _scale_rows_inplace(matrix: sp.csr_matrix, scale: np.ndarray) -> None:
+    """Multiply each row of ``matrix`` by ``scale[row]`` in its own values, a block of rows at a time (the
+    per-value factors of one block, not of the whole matrix, are held)."""
+    indptr, data = matrix.indptr, matrix.data
+    for start, stop in _row_blocks(matrix.shape[0]):
+        data[indptr[start]:indptr[stop]] *= np.repeat(scale[start:stop], np.diff(indptr[start:stop + 1]))
+
+
 def apply_transform(matrix: Matrix, transform: str, inplace: bool = False) -> Matrix:
-    """Per-row transforms; sparse input stays sparse. ``inplace`` lets a dense float32 ``log1p`` overwrite
-    its input (rows just read, so a large block is not held twice)."""
+    """Per-row transforms; sparse input stays sparse. ``inplace`` lets a float32 ``log1p`` (dense or CSR)
+    and a float32 CSR ``normalize_log1p`` overwrite their input (rows just read, so a large block is not
+    held twice); without it the input is never changed."""
     if transform == "none":
+        return matrix
+    if (inplace and transform in ("log1p", "normalize_log1p") and sp.isspmatrix_csr(matrix)
+            and matrix.dtype == np.float32 and matrix.data.flags.writeable):
+        # the same float32 products and log1p as the copying path below, without the diagonal matrix
+        # product (a copy of the matrix) nor the log1p copy of its values
+        if transform == "normalize_log1p":
+            totals = np.asarray(matrix.sum(axis=1)).ravel()
+            scale = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
+            _scale_rows_inplace(matrix, scale.astype(np.float32))
+        np.log1p(matrix.data, out=matrix.data)
         return matrix
     if transform == "clr":
         # Seurat's CLR across features: log1p(x / exp(mean(log1p(x)))); zeros stay zeros

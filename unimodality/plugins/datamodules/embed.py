@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -40,6 +41,10 @@ class EmbedDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices)
+        if (len(indices) and (isinstance(self.features, np.ndarray) or sp.issparse(self.features))
+                and indices[-1] - indices[0] == len(indices) - 1 and np.all(np.diff(indices) == 1)):
+            # a run of rows (predict's batches): a slice, not the gather of a list of rows
+            indices = slice(int(indices[0]), int(indices[-1]) + 1)
         return {self.modality: take_rows(self.features, indices), INDEX: torch.from_numpy(self.rows[indices])}
 
 
@@ -274,7 +279,10 @@ class EmbedDataModule(DataModule):
                 f"got embeddings for {len(rows)} of the {len(self.dataset)} rows to embed (or other rows); "
                 "nothing written"
             )
-        metadata = self.source.read_metadata().iloc[rows]
+        self.dataset.features = None  # the rows are embedded: their matrix need not be held while writing
+        metadata = self.source.read_metadata()
+        if len(rows) != len(metadata) or not np.array_equal(rows, np.arange(len(rows))):
+            metadata = metadata.iloc[rows]
         record = {**(record or {}), "modality": self.dataset.modality}
         self.written = write_embeddings(self.source.file, metadata, rows, embedding, self.output, record,
                                         copy_input=self.streaming, obs_index=isinstance(self.source, AnnDataSource))
