@@ -7,7 +7,8 @@ a loss plugin (picked by its registered name, so a third-party loss can be added
 setup from ``SETUPS`` (KD, C2KD, SHAKE with the proteins as teacher and each training cell as a class;
 clipped DINO; Semi-Clipped's adapter tower, see `setup_factory`) trained with the same towers, optimizer,
 epochs and checkpoint selection; ridge and CCA are computed on the same folds. The table gives top-1 /
-top-10 / MRR (mean of both directions over folds) with the fold standard deviation, and each method's MRR difference from ridge in units of that spread.
+top-10 / MRR (mean of both directions over folds) with the fold standard deviation, and each method's MRR
+difference from ridge in units of that spread.
 
     python benchmarks/methods.py                              # every method (about 1.5 h on 2 CPU cores)
     python benchmarks/methods.py --methods ridge ClipLoss KD --folds 3

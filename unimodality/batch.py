@@ -4,7 +4,9 @@ A batch is a dict keyed by modality name (``"tx"``, ``"ph"``, ...) holding each 
 tensors of shape ``(batch, features)`` for vectors, ``(batch, channels, height, width)`` for images, a
 ``torch_geometric`` batch for molecules), plus ``"group"``: the integer id of each sample's pairing key
 (perturbation), so a loss can treat samples of the same perturbation as positives. Prediction batches hold
-one modality and ``"index"``, the row of each sample in the input file.
+one modality and ``"index"``, the row of each sample in the input file. Batches of data read into memory
+by `PairedDataModule` also carry ``"rows/<modality>"`` (`rows_key`): the source row of each sample's input
+(a row of the modality's file(s)), by which a setup may cache what a frozen tower makes of it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ import torch
 
 GROUP = "group"
 INDEX = "index"
+ROWS = "rows/"
+
+
+def rows_key(modality: str) -> str:
+    """The batch key of ``modality``'s source rows (``"rows/<modality>"``)."""
+    return f"{ROWS}{modality}"
 
 
 def check_sizes(owner: str, **sizes: int | None) -> None:

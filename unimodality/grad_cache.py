@@ -50,18 +50,19 @@ class RandomState:
             yield
 
 
-def take_rows(x: Any, rows: slice) -> Any:
+def take_rows(x: Any, rows: slice | torch.Tensor) -> Any:
     """Rows ``rows`` of one modality's batch input: a tensor's rows, or the graphs of a ``torch_geometric``
     batch (as a batch again).
 
     Args:
         x: the batch input of one modality.
-        rows: the rows to take.
+        rows: the rows to take: a slice, or a tensor of row indices.
     """
     if isinstance(x, torch.Tensor):
         return x[rows]
     if hasattr(x, "index_select") and hasattr(x, "from_data_list"):  # a torch_geometric Batch
-        return type(x).from_data_list(x.index_select(range(*rows.indices(x.num_graphs))))
+        index = range(*rows.indices(x.num_graphs)) if isinstance(rows, slice) else rows
+        return type(x).from_data_list(x.index_select(index))
     raise TypeError(f"gradient caching splits batch inputs into chunks of rows; cannot split a {type(x).__name__}")
 
 

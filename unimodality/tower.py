@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -9,9 +10,73 @@ import torch.nn.functional as F
 from torch import nn
 
 from unimodality.encoder import Encoder, load_state_dict_file
+from unimodality.grad_cache import take_rows
 
 TowerMode = Literal["trainable", "frozen", "disabled"]
 HeadKind = Literal["linear", "orthogonal", "identity"]
+
+
+class RepresentationCache:
+    """A frozen tower's representation of every source row it has seen (`Tower.cache_representations`).
+
+    Filled row by row on first sight, on the representations' device and in their dtype; a plain attribute,
+    not a buffer, so checkpoints leave it out and DDP does not broadcast it (each process fills its own).
+    """
+
+    def __init__(self) -> None:
+        self.values: torch.Tensor | None = None
+        self.filled: torch.Tensor | None = None
+        #: rows the encoder computed since the cache was made (tests and benchmarks count them)
+        self.computed = 0
+
+    def clear(self) -> None:
+        """Forget every row (the encoder's weights or input statistics changed)."""
+        self.values = self.filled = None
+
+    def __len__(self) -> int:
+        return 0 if self.filled is None else int(self.filled.sum())
+
+    def lookup(self, rows: torch.Tensor, compute: Callable[[torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+        """The representations of source rows ``rows``; ``compute(positions)`` gives those of the batch
+        positions whose rows were not seen yet (each such row once, even when it repeats in the batch;
+        ``compute(None)``: the whole batch, when all its rows are new and distinct)."""
+        rows = rows.long()
+        if self.values is not None and self.values.device != rows.device:  # the model moved
+            self.values, self.filled = self.values.to(rows.device), self.filled.to(rows.device)
+        size = 0 if self.filled is None else len(self.filled)
+        missing = torch.ones_like(rows, dtype=torch.bool)
+        if size:
+            inside = rows < size
+            missing[inside] = ~self.filled[rows[inside]]
+        if bool(missing.any()):
+            positions = torch.nonzero(missing).squeeze(1)
+            new, inverse = torch.unique(rows[positions], return_inverse=True)
+            if len(new) == len(rows):  # every row new, none repeated: the batch as it is, without copying rows
+                self._store(rows, compute(None).detach())
+            else:
+                first = torch.full((len(new),), len(positions), device=rows.device).scatter_reduce_(
+                    0, inverse, torch.arange(len(positions), device=rows.device), "amin")
+                self._store(new, compute(positions[first]).detach())
+            self.computed += len(new)
+        return self.values[rows]
+
+    def _store(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        needed = int(rows.max()) + 1
+        size = 0 if self.filled is None else len(self.filled)
+        if needed > size:  # grown geometrically: the source's row count is not known here
+            grown = max(needed, 2 * size)
+            old_values, old_filled = self.values, self.filled
+            self.values = values.new_zeros((grown, *values.shape[1:]))
+            self.filled = torch.zeros(grown, dtype=torch.bool, device=values.device)
+            if size:
+                self.values[:size], self.filled[:size] = old_values, old_filled
+        self.values[rows] = values.to(self.values.dtype)
+        self.filled[rows] = True
+
+
+def _forget_representations(tower: Tower, incompatible_keys: Any) -> None:
+    if tower.cache is not None:  # weights (or standardisation statistics) were loaded
+        tower.cache.clear()
 
 
 class Tower(nn.Module):
@@ -85,6 +150,7 @@ class Tower(nn.Module):
         if mode == "frozen":
             self.encoder.requires_grad_(False)
             self.encoder.eval()
+        self.register_load_state_dict_post_hook(_forget_representations)
 
     def train(self, mode: bool = True) -> Tower:
         super().train(mode)
@@ -94,6 +160,17 @@ class Tower(nn.Module):
 
     #: the input standardisation (``zscore``/``robust``, see `unimodality.standardization`), or None
     standardize: str | None = None
+    #: the encoder's output per source row of a frozen tower (`cache_representations`), or None
+    cache: RepresentationCache | None = None
+
+    def cache_representations(self) -> None:
+        """Keep a frozen tower's representation of each source row: `represent` given the batch's source
+        ``rows`` runs the encoder only on rows it has not seen. Valid because a frozen encoder is fixed and
+        deterministic (eval mode, no gradients) and a row's input never changes; the cache is emptied when a
+        state dict loads (weights, standardisation statistics) and when `fit_standardization` runs."""
+        if self.mode != "frozen":
+            raise ValueError(f"only a frozen tower's representations can be cached; this tower is {self.mode}")
+        self.cache = RepresentationCache()
 
     def standardize_inputs(self, method: str) -> None:
         """Standardise the input features before the encoder, with statistics set by `fit_standardization`
@@ -107,15 +184,24 @@ class Tower(nn.Module):
         self.input_center.copy_(center)
         self.input_scale.copy_(scale)
         self.input_standardized.fill_(True)
+        if self.cache is not None:
+            self.cache.clear()
 
-    def represent(self, x: Any) -> torch.Tensor:
-        """The encoder's output (the input itself for a disabled tower)."""
+    def represent(self, x: Any, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's output (the input itself for a disabled tower); with ``rows``, the source row of each
+        of ``x``'s rows, a cached frozen tower (`cache_representations`) encodes only rows it has not seen."""
         if self.encoder is None:
             if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[-1] != self.in_features:
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ValueError(f"disabled tower expects input of shape (batch, {self.in_features}), got {got}")
             return self._standardized(x)
         self.encoder.check_input(x)
+        if rows is not None and self.cache is not None:
+            return self.cache.lookup(
+                rows, lambda positions: self._encode(x if positions is None else take_rows(x, positions)))
+        return self._encode(x)
+
+    def _encode(self, x: Any) -> torch.Tensor:
         x = self._standardized(x)
         if self.mode == "frozen":
             with torch.no_grad():
@@ -127,8 +213,8 @@ class Tower(nn.Module):
             return x
         return (x - self.input_center.to(x.dtype)) / self.input_scale.to(x.dtype)
 
-    def forward(self, x: Any, normalize: bool = True) -> torch.Tensor:
+    def forward(self, x: Any, normalize: bool = True, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The L2-normalised embedding of ``x``, or the head's raw output with ``normalize=False`` (for a
-        loss that sets ``normalized_inputs = False``)."""
-        projected = self.head(self.represent(x))
+        loss that sets ``normalized_inputs = False``); ``rows`` as in `represent`."""
+        projected = self.head(self.represent(x, rows))
         return F.normalize(projected, dim=-1) if normalize else projected

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from unimodality.batch import rows_key
 from unimodality.datamodule import GROUP, INDEX, SplitDataModule, check_sizes, collate_batch, take_rows
 from unimodality.errors import DataError
 from unimodality.paths import disk_size
@@ -58,15 +59,21 @@ class PairedDataset(Dataset):
     anew at every fetch (torch's RNG, so it follows the seed and differs per worker and epoch).
     ``random=False`` (evaluation): every replicate appears, paired deterministically (replicate ``j`` of
     one modality with replicate ``j mod n`` of the other), so metrics are repeatable.
+
+    ``source_rows`` maps a modality's positions in ``features`` to its source's rows; batches then carry
+    each sample's source row under ``rows/<modality>`` (`unimodality.batch.rows_key`). Give it only for
+    modalities whose input of a row is the same at every fetch.
     """
 
     def __init__(
-        self, features: dict[str, Matrix], members: dict[str, Members], groups: np.ndarray, random: bool
+        self, features: dict[str, Matrix], members: dict[str, Members], groups: np.ndarray, random: bool,
+        source_rows: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.features = features
         self.members = members
         self.groups = groups
         self.random = random
+        self.source_rows = dict(source_rows or {})
         if not random:
             counts = np.stack([m.counts() for m in members.values()])
             width = counts.max(axis=0)
@@ -100,6 +107,8 @@ class PairedDataset(Dataset):
             keys = self._pair_key[indices]
             rows = {name: r[indices] for name, r in self._pair_rows.items()}
         batch = {name: take_rows(self.features[name], rows[name]) for name in self.members}
+        for name, source_rows in self.source_rows.items():
+            batch[rows_key(name)] = torch.from_numpy(source_rows[rows[name]])
         batch[GROUP] = torch.from_numpy(self.groups[keys])
         if not self.random:  # evaluation: lets metrics drop rows a distributed sampler repeats as padding
             batch[INDEX] = torch.from_numpy(indices)
@@ -326,9 +335,10 @@ class PairedDataModule(SplitDataModule):
             self.datasets["train"] = self._streaming_train(row_codes, shared_codes[split == "train"])
         keep = shared_codes[np.isin(split, in_memory)]
         # read only the rows of the splits this stage needs; map file rows to rows of the read block
-        features, local_codes, drawn = {}, {}, {}
+        features, local_codes, drawn, source_rows = {}, {}, {}, {}
         for name, source in self.sources.items():
             rows = np.flatnonzero(np.isin(row_codes[name], keep))
+            source_rows[name] = rows
             features[name] = source.read_features(rows)
             local_codes[name] = row_codes[name][rows]
             alternatives = source.read_alternatives(rows) if "train" in in_memory else None
@@ -345,8 +355,10 @@ class PairedDataModule(SplitDataModule):
                             "construction (chance is 1.0 too); hold out more perturbations to measure retrieval",
                             s, tuple(self.keys))
             members = {name: members_of(codes, c) for name, c in local_codes.items()}
+            # a row drawn among alternative representations is not the same input at every fetch: no source row
+            stable = {n: r for n, r in source_rows.items() if s != "train" or n not in drawn}
             self.datasets[s] = PairedDataset(train_features if s == "train" else features, members, codes,
-                                             random=(s == "train"))
+                                             random=(s == "train"), source_rows=stable)
         sizes = ", ".join(
             f"{s}: {len(np.unique(self.datasets[s].groups))} perturbations"
             + (f" ({len(d)} {d.name} rows streamed)" if isinstance(d, StreamingDataset) else "")

@@ -12,7 +12,7 @@ from jsonargparse import lazy_instance
 from torch import nn
 
 from unimodality import diagnostics
-from unimodality.batch import GROUP, INDEX
+from unimodality.batch import GROUP, INDEX, rows_key
 from unimodality.distributed import gather, gather_with_grad
 from unimodality.encoder import Encoder
 from unimodality.grad_cache import cached_gradients, take_rows
@@ -50,6 +50,16 @@ class CrossModalSetup(Setup):
             gradient. The gradient is the whole batch's, with one chunk's activations in memory, for a
             second forward pass of the towers. Towers must not use batch normalisation in training mode
             (its statistics would be per chunk).
+        cache_frozen: compute each ``frozen`` tower's representation (its encoder's output) once per source
+            row and train its head on the cached values: a frozen encoder in eval mode is a fixed function of
+            a row's input, so the results are those of the uncached run, without its encoder's forward
+            passes after a row's first sight (validation rows are cached too). Needs batches carrying their
+            source rows: `PairedDataModule` with the data in memory (not a ``data.streaming`` training split,
+            nor a source drawing among alternative representations in training). The cache lives on the
+            towers' device (rows x representation width values), per process, outside checkpoints; it is
+            emptied at the start of each fit, of a validate outside fit and of each test, and whenever
+            weights or standardisation statistics load. A
+            ``disabled`` tower has nothing to cache (its representation is its input).
         schema: filled in from the data at the start of training; leave unset.
         **kwargs: optimizer, learning-rate scheduler, ``tower_optim`` and ``preservation`` (towers are named
             by modality), see `unimodality.setup.Setup`.
@@ -67,11 +77,18 @@ class CrossModalSetup(Setup):
         pair_weights: dict[str, float] | None = None,
         retrieval_k: list[int] = [1, 5, 10],
         grad_cache_chunk: int | None = None,
+        cache_frozen: bool = False,
         schema: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
+        if not isinstance(cache_frozen, bool):
+            raise ValueError(f"CrossModalSetup: cache_frozen must be true or false, got {cache_frozen!r}")
+        if cache_frozen and type(self).embed is not CrossModalSetup.embed:
+            raise ValueError(f"model.init_args.cache_frozen: {type(self).__name__} runs its towers its own way (its "
+                             "own embed); leave it unset")
+        self.cache_frozen = cache_frozen
         if embed_dim < 1:
             raise ValueError(f"CrossModalSetup: embed_dim must be at least 1, got {embed_dim}")
         if grad_cache_chunk is not None and (
@@ -133,6 +150,13 @@ class CrossModalSetup(Setup):
                 n_features, self.embed_dim, encoder, mode, self.weights.get(name), self.weights_prefix.get(name),
                 self.heads.get(name, "linear"),
             )
+        if self.cache_frozen:
+            frozen = [name for name, tower in self.towers.items() if tower.mode == "frozen"]
+            if not frozen:
+                raise ValueError("model.init_args.cache_frozen: no tower is frozen (model.modes), so there is nothing "
+                                 "to cache (a disabled tower's representation is its input); leave it unset")
+            for name in frozen:
+                self.towers[name].cache_representations()
         self.pairs = list(itertools.combinations(schema, 2))
         names = {f"{a}-{b}": (a, b) for a, b in self.pairs} | {f"{b}-{a}": (a, b) for a, b in self.pairs}
         unknown_pairs = sorted(set(self.pair_weights) - set(names))
@@ -152,7 +176,39 @@ class CrossModalSetup(Setup):
     def embed(self, batch: dict[str, torch.Tensor], normalize: bool = True) -> dict[str, torch.Tensor]:
         """L2-normalised embeddings of every modality present in the batch (the heads' raw outputs with
         ``normalize=False``)."""
-        return {name: tower(batch[name], normalize) for name, tower in self.towers.items() if name in batch}
+        return {name: tower(batch[name], normalize, self._cached_rows(name, tower, batch))
+                for name, tower in self.towers.items() if name in batch}
+
+    def _cached_rows(self, name: str, tower: Tower, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The source rows by which ``tower`` looks its representations up (`cache_frozen`), or None: uncached."""
+        if tower.cache is None:
+            return None
+        rows = batch.get(rows_key(name))
+        if rows is None and self.training:  # elsewhere (e.g. a batch built by hand) the uncached path is exact
+            raise ValueError(
+                f"model.init_args.cache_frozen: the training batches carry no source rows of modality {name!r} "
+                f"({rows_key(name)!r}), by which its frozen tower's representations are cached; PairedDataModule "
+                "gives them for data in memory, not with data.streaming nor for a source drawing among alternative "
+                "representations: leave cache_frozen unset"
+            )
+        return rows
+
+    def _forget_cached(self) -> None:
+        for tower in self.towers.values():
+            if tower.cache is not None:
+                tower.cache.clear()
+
+    def on_fit_start(self) -> None:
+        # a new fit may follow weight changes the cache cannot see (e.g. an encoder's load_state_dict)
+        self._forget_cached()
+
+    def on_validation_start(self) -> None:
+        # a validate outside fit may read other files, whose row numbers are other inputs
+        if self.trainer.state.fn != "fit":
+            self._forget_cached()
+
+    def on_test_start(self) -> None:
+        self._forget_cached()
 
     def loss_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What the loss takes: L2-normalised embeddings, or the heads' raw outputs for a loss that sets
@@ -214,6 +270,7 @@ class CrossModalSetup(Setup):
         """
         self._check_grad_cache()
         names = [name for name in self.towers if name in batch]
+        names += [rows_key(name) for name in names if rows_key(name) in batch]  # for cache_frozen
 
         def embed(rows: slice) -> dict[str, torch.Tensor]:
             return self.loss_inputs({name: take_rows(batch[name], rows) for name in names})
