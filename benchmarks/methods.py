@@ -70,7 +70,7 @@ EXAMPLE_CONFIGS = {
     "ClipLoss": "clip.yaml", "SigLipLoss": "siglip.yaml", "HopfieldLoss": "hopfield.yaml", "VICRegLoss": "vicreg.yaml",
     "DCCALoss": "dcca.yaml", "S2LLoss": "s2l.yaml", "CWCLLoss": "cwcl.yaml", "SinkhornLoss": "sinkhorn.yaml",
     "KD": "kd.yaml", "C2KD": "c2kd.yaml", "SHAKE": "shake.yaml", "DINO": "dino_clipped.yaml",
-    "SemiClipped": "semi_clipped.yaml", "clip_disabled_tx": "clip_disabled_tx.yaml",
+    "SemiClipped": "semi_clipped.yaml", "clip_disabled_tx": "clip_disabled_tx.yaml", "clip_queue": "clip_queue.yaml",
 }
 
 

@@ -10,6 +10,25 @@ from torch import nn
 from unimodality.config import RecordsInitArgs
 
 
+class Keys(NamedTuple):
+    """What a loss with ``supports_queue`` contrasts the towers' rows with instead of each other (MoCo, He et
+    al. 2020; ALBEF, Li et al. 2021): the batch's rows and a queue of earlier batches' rows, all embedded by
+    momentum (EMA) copies of the towers. Constants: no gradient flows into them.
+
+    Rows ``0..n-1`` of ``a`` and ``b`` are the batch's own rows in batch order (row ``i``'s positives are
+    among them, as in the plain loss), the rest the queue's; ``a`` gives the columns of ``b``'s rows (the
+    ``b -> a`` direction), ``b`` those of ``a``'s rows. Queue entries of a row's own group are neither
+    positives nor negatives of it (they may be that very sample, embedded a few steps ago).
+    """
+
+    #: ``(n + k, d)`` momentum embeddings of the first modality: the batch's ``n`` rows, then ``k`` queued ones
+    a: torch.Tensor
+    #: ``(n + k, d)`` the same of the second modality
+    b: torch.Tensor
+    #: ``(n + k,)`` their group ids
+    group: torch.Tensor
+
+
 class ContrastiveLoss(RecordsInitArgs, nn.Module):
     """Base class of losses (plugin group ``unimodality.losses``).
 
@@ -23,10 +42,16 @@ class ContrastiveLoss(RecordsInitArgs, nn.Module):
     e.g. VICReg's variance and covariance terms or CCA's correlations) sets the class attribute
     ``normalized_inputs = False``; the setups then hand it the un-normalised outputs instead (their
     retrieval metrics and ``predict`` still use the L2-normalised embeddings).
+
+    A loss that can contrast each tower's rows with momentum embeddings and a queue of past ones instead
+    (MoCo-style, `CrossModalSetup`'s ``queue_size``) sets ``supports_queue = True`` and takes
+    ``forward(a, b, group, keys)``, ``keys`` `Keys` (or ``None``: the plain loss).
     """
 
     #: whether ``forward`` receives L2-normalised embeddings (the default) or the heads' raw outputs
     normalized_inputs: ClassVar[bool] = True
+    #: whether ``forward`` takes `Keys` (momentum embeddings of the batch and a queue of past ones)
+    supports_queue: ClassVar[bool] = False
 
     def __init__(self, use_groups: bool = True) -> None:
         super().__init__()
@@ -38,11 +63,20 @@ class ContrastiveLoss(RecordsInitArgs, nn.Module):
             return torch.eye(n, dtype=torch.bool, device=device)
         return group[:, None] == group[None, :]
 
-    def __call__(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None,
+                 keys: Keys | None = None) -> torch.Tensor:
         # losses in fp32 whatever the towers run in: under bf16/fp16 autocast the logits (scaled up to 100x)
         # lose precision, and a loss computed in bf16 would come out in bf16
         with torch.autocast(device_type=a.device.type, enabled=False):
-            return super().__call__(_at_least_fp32(a), _at_least_fp32(b), group)
+            a, b = _at_least_fp32(a), _at_least_fp32(b)
+            if keys is None:  # the plain call: losses without a queue keep their three-argument forward
+                return super().__call__(a, b, group)
+            if not self.supports_queue:
+                raise ValueError(f"{type(self).__name__} takes no momentum keys nor queue (supports_queue is False)")
+            if keys.a.requires_grad or keys.b.requires_grad:
+                raise ValueError(f"{type(self).__name__}: the keys (momentum embeddings) must be constants; "
+                                 "detach them")
+            return super().__call__(a, b, group, Keys(keys.a.to(a.dtype), keys.b.to(a.dtype), keys.group))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -233,3 +267,63 @@ def contrast_terms(
     need_columns = columns and b is not None
     rows, cols, positive = _ContrastTerms.apply(a, b, scale, index, weights, need_columns)
     return ContrastTerms(rows, cols if need_columns else None, positive)
+
+
+# -- a queue of past embeddings as extra columns (see `Keys`) ----------------------------------------------
+class _QueueLogSumExp(torch.autograd.Function):
+    """Forward and analytic backward of `queue_logsumexp`; keeps only the ``n x k`` logits (and the inputs)."""
+
+    @staticmethod
+    def forward(ctx, x, keys, scale, group, key_group):  # noqa: ANN001, ANN205 (autograd API)
+        logits = (scale * x) @ keys.T
+        step = _row_blocks(*logits.shape)
+        rows = logits.new_empty(len(x))
+        for start in range(0, len(x), step):
+            block = logits[start:start + step]
+            if group is not None:  # a row's own group: out of its sum
+                block.masked_fill_(group[start:start + step, None] == key_group[None, :], float("-inf"))
+            rows[start:start + step] = torch.logsumexp(block, dim=1)  # -inf when no entry is left
+        ctx.save_for_backward(x, keys, scale, logits, rows)
+        ctx.set_materialize_grads(False)
+        return rows
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):  # noqa: ANN001, ANN205
+        x, keys, scale, logits, rows = ctx.saved_tensors
+        if grad_rows is None:
+            return None, None, None, None, None
+        grad_x = torch.zeros_like(x)
+        top = rows.masked_fill(rows.isinf(), 0.0)  # a row without entries: exp(-inf - 0) = 0, not nan
+        step = _row_blocks(*logits.shape)
+        for start in range(0, len(x), step):
+            g = (logits[start:start + step] - top[start:start + step, None]).exp_()
+            grad_x[start:start + step].addmm_(g.mul_(grad_rows[start:start + step, None]), keys)
+        grad_scale = torch.vdot(x.reshape(-1), grad_x.reshape(-1))  # sum_ik G_ik x_i . k_k, as in contrast_terms
+        return grad_x.mul_(scale), None, grad_scale.reshape(scale.shape), None, None
+
+
+def queue_logsumexp(
+    x: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, group: torch.Tensor | None = None,
+    key_group: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(n,)`` logsumexp of each row of ``scale * x @ keys.T`` over the keys of other groups than the row's.
+
+    The negatives a queue (the rows of `Keys` past the batch's) adds to a softmax loss: combine with the
+    batch's logsumexp by ``torch.logaddexp``. A row with no key left (an empty queue, or only its own
+    group) gets ``-inf`` (``logaddexp`` then leaves the batch's term as it is, gradient included). ``keys``
+    are constants (no gradient); memory is one ``n x k`` matrix, temporaries one block of `BLOCK_ELEMENTS`.
+
+    Args:
+        x: ``(n, d)`` rows.
+        keys: ``(k, d)`` past embeddings.
+        scale: scalar tensor multiplying the dot products (an inverse temperature).
+        group: ``(n,)`` group ids of the rows; ``None``: no key is left out.
+        key_group: ``(k,)`` group ids of the keys (with ``group``).
+    """
+    if keys.requires_grad:
+        raise ValueError("queue_logsumexp: the keys (past embeddings) must be constants; detach them")
+    if group is not None and key_group is None:
+        raise ValueError("queue_logsumexp: give key_group with group")
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    return _QueueLogSumExp.apply(x, keys, scale, group, key_group)

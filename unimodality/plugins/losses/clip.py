@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from unimodality.loss import ContrastiveLoss, contrast_terms, group_index
+from unimodality.loss import ContrastiveLoss, Keys, contrast_terms, group_index, queue_logsumexp
 
 
 class ClipLoss(ContrastiveLoss):
@@ -23,6 +23,14 @@ class ClipLoss(ContrastiveLoss):
     ``n_g`` its size), the same in both directions. Only the ``B x B`` logits are kept for backward
     (`unimodality.loss.contrast_terms`), so time and memory are those of one ``B x B`` matrix,
     groups or not.
+
+    With `unimodality.loss.Keys` (the setup's ``queue_size``: ALBEF's momentum contrast, Li et al. 2021,
+    after MoCo, He et al. 2020), each modality's rows are contrasted with the *momentum* embeddings of the
+    other modality, the batch's ``n`` then ``K`` queued ones, instead of with its online embeddings:
+    ``CE_i = log(sum_{j<n} exp(s a_i . k^b_j) + sum_{j>=n: g_j != g_i} exp(s a_i . k^b_j)) - mean_{j in P_i}
+    s a_i . k^b_j``, likewise from ``b`` to ``k^a``, averaged (ALBEF's ``loss_ita`` without its distillation
+    term). The positives stay the batch's; a queue entry of the row's own group is left out. Time and memory:
+    one ``n x (n + K)`` matrix per direction.
 
     Args:
         init_scale: initial logit scale (inverse temperature), 1/0.07 as in CLIP.
@@ -48,15 +56,28 @@ class ClipLoss(ContrastiveLoss):
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=self.max_log_scale).exp()
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+    supports_queue = True
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None,
+                keys: Keys | None = None) -> torch.Tensor:
         scale = self.scale
         index = weights = None  # without groups: the diagonal, textbook CLIP
         if group is not None and self.use_groups:
             index, counts = group_index(group, a.shape[0], a.device)
             weights = 1 / counts.to(a.dtype)  # row i's positives share its target mass: 1 / |P_i|
-        terms = contrast_terms(a, b, scale, index, weights)
-        # both directions have the same positive sum: the groups are symmetric
-        return (terms.rows.mean() + terms.columns.mean()) / 2 - terms.positive / a.shape[0]
+        if keys is None:
+            terms = contrast_terms(a, b, scale, index, weights)
+            # both directions have the same positive sum: the groups are symmetric
+            return (terms.rows.mean() + terms.columns.mean()) / 2 - terms.positive / a.shape[0]
+        n = a.shape[0]
+        directions = []
+        for rows, columns in ((a, keys.b), (b, keys.a)):  # each modality's rows against the other's keys
+            terms = contrast_terms(rows, columns[:n], scale, index, weights, columns=False)
+            lse = terms.rows
+            if len(columns) > n:  # the queue's entries join each row's softmax
+                lse = torch.logaddexp(lse, queue_logsumexp(rows, columns[n:], scale, group, keys.group[n:]))
+            directions.append(lse.mean() - terms.positive / n)
+        return (directions[0] + directions[1]) / 2
 
     def extra_metrics(self) -> dict[str, torch.Tensor]:
         return {"logit_scale": self.scale.detach()}

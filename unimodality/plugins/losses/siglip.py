@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodality.loss import ContrastiveLoss
+from unimodality.loss import ContrastiveLoss, Keys
 
 
 class SigLipLoss(ContrastiveLoss):
@@ -24,6 +24,11 @@ class SigLipLoss(ContrastiveLoss):
     number of pairs, as in the paper: the loss grows with the batch. The scale ``t`` is stored as
     ``log t`` (initial ``t = 10``) and the bias starts at ``-10``, the paper's initialisation, which
     keeps the initial loss small despite the many negatives.
+
+    With `unimodality.loss.Keys` (the setup's ``queue_size``), each modality's rows meet the other
+    modality's momentum embeddings, the batch's then the queue's, instead of its online ones: the sum above
+    over ``a_i`` and the keys ``k^b_j`` plus the same over ``b_i`` and ``k^a_j``, halved; a queue entry is one
+    more negative pair, except for rows of its own group; still divided by ``|B|``.
 
     Zhai, Mustafa, Kolesnikov, Beyer, "Sigmoid Loss for Language Image Pre-Training", ICCV 2023.
 
@@ -56,11 +61,24 @@ class SigLipLoss(ContrastiveLoss):
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=self.max_log_scale).exp()
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.scale * a @ b.T + self.bias
-        positive = self.positives(group, a.shape[0], a.device)
-        signs = positive.to(logits.dtype) * 2 - 1  # +1 for positives, -1 for negatives
-        return -F.logsigmoid(signs * logits).sum() / a.shape[0]
+    supports_queue = True
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None,
+                keys: Keys | None = None) -> torch.Tensor:
+        scale, n = self.scale, a.shape[0]
+        positive = self.positives(group, n, a.device)
+        signs = positive.to(a.dtype) * 2 - 1  # +1 for positives, -1 for negatives
+        if keys is None:
+            return -F.logsigmoid(signs * (scale * a @ b.T + self.bias)).sum() / n
+        total = a.new_zeros(())
+        for rows, columns in ((a, keys.b), (b, keys.a)):  # each modality's rows against the other's keys
+            logits = scale * rows @ columns.T + self.bias
+            total = total - F.logsigmoid(signs * logits[:, :n]).sum()
+            queued = -F.logsigmoid(-logits[:, n:])  # every queue entry a negative...
+            if group is not None:  # ...except those of the row's own group
+                queued = queued.masked_fill(group[:, None] == keys.group[None, n:], 0.0)
+            total = total + queued.sum()
+        return total / (2 * n)
 
     def extra_metrics(self) -> dict[str, torch.Tensor]:
         return {"scale": self.scale.detach(), "bias": self.bias.detach()}

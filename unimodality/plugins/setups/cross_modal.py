@@ -12,13 +12,15 @@ from jsonargparse import lazy_instance
 from torch import nn
 
 from unimodality import diagnostics
-from unimodality.batch import GROUP, INDEX, rows_key
+from unimodality.batch import GROUP, INDEX, ROWS, rows_key
 from unimodality.distributed import gather, gather_with_grad
+from unimodality.ema import ema_update, frozen_copy
 from unimodality.encoder import Encoder
 from unimodality.grad_cache import cached_gradients, take_rows
 from unimodality.loss import ContrastiveLoss
 from unimodality.metrics import EmbeddingCollector, cross_recall, perturbation_retrieval, replicate_map, unique_rows
 from unimodality.plugins.losses.clip import ClipLoss
+from unimodality.queue import EmbeddingQueue
 from unimodality.setup import Setup
 from unimodality.tower import HeadKind, Tower, TowerMode
 
@@ -60,6 +62,20 @@ class CrossModalSetup(Setup):
             emptied at the start of each fit, of a validate outside fit and of each test, and whenever
             weights or standardisation statistics load. A
             ``disabled`` tower has nothing to cache (its representation is its input).
+        queue_size: momentum contrast with a queue (MoCo, He et al. 2020; across modalities as in ALBEF, Li
+            et al. 2021): each modality's rows are contrasted with the other modality's *momentum*
+            embeddings, by an EMA copy of its tower (``queue_momentum``), of the batch and of the last
+            ``queue_size`` training rows, instead of with its online embeddings; queue entries of a row's own
+            perturbation are neither positives nor negatives. The queue is filled with each step's *global*
+            batch after its loss, so every process holds the same queue under DDP; until full, the rows queued
+            so far count. Evaluation and ``predict`` use the online towers, without the queue. The momentum
+            towers and the queue (``queue_size x embed_dim`` values per modality) are part of checkpoints,
+            so a resumed run continues with them. Needs a loss with ``supports_queue`` (``ClipLoss``,
+            ``SigLipLoss``); ``None`` (default): off.
+        queue_momentum: EMA momentum of the towers that embed the keys (MoCo 0.999, ALBEF 0.995), updated
+            after each optimizer step; with ``queue_size``. 0 is not a momentum encoder: the loss sees only
+            constant columns of the current towers, and training collapses (MoCo's ablation; measured here
+            too, see the user guide).
         schema: filled in from the data at the start of training; leave unset.
         **kwargs: optimizer, learning-rate scheduler, ``tower_optim`` and ``preservation`` (towers are named
             by modality), see `unimodality.setup.Setup`.
@@ -77,6 +93,8 @@ class CrossModalSetup(Setup):
         pair_weights: dict[str, float] | None = None,
         retrieval_k: list[int] = [1, 5, 10],
         grad_cache_chunk: int | None = None,
+        queue_size: int | None = None,
+        queue_momentum: float = 0.995,
         cache_frozen: bool = False,
         schema: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
@@ -99,6 +117,13 @@ class CrossModalSetup(Setup):
             raise ValueError(f"{type(self).__name__}: grad_cache_chunk is not supported (its training step is its "
                              "own); leave it unset")
         self.grad_cache_chunk = grad_cache_chunk
+        self.queue_size = self._checked_queue_size(queue_size, loss)
+        if isinstance(queue_momentum, bool) or not isinstance(queue_momentum, int | float) or not (
+                0 <= queue_momentum < 1):
+            raise ValueError(f"CrossModalSetup: queue_momentum must be a number in [0, 1), got {queue_momentum!r}")
+        self.queue_momentum = float(queue_momentum)
+        self.queue: EmbeddingQueue | None = None  # built with the towers
+        self.key_towers: nn.ModuleDict | None = None  # the momentum towers of the queue's keys
         self.encoders = dict(encoders or {})
         self.loss = self.own_default("loss", loss)
         self.embed_dim = embed_dim
@@ -170,6 +195,15 @@ class CrossModalSetup(Setup):
                              persistent=False)
         # one collector per modality: every metric is computed from the gathered rows at the epoch's end
         self.retrieval = nn.ModuleDict({name: EmbeddingCollector() for name in schema})
+        if self.queue_size is not None:
+            self.queue = EmbeddingQueue(list(schema), self.queue_size, self.embed_dim)
+            self.key_towers = nn.ModuleDict({name: frozen_copy(self._momentum_source(name)) for name in self.towers})
+            # every process queues the same (gathered) rows and averages the same weights, so the queues and
+            # momentum towers agree without DDP broadcasting their buffers from rank 0 before each step
+            self._ddp_params_and_buffers_to_ignore = sorted(
+                {*getattr(self, "_ddp_params_and_buffers_to_ignore", []),
+                 *(f"queue.{name}" for name, _ in self.queue.named_buffers()),
+                 *(f"key_towers.{name}" for name, _ in self.key_towers.named_buffers())})
         self.remember_schema(schema)
 
     # -- steps -------------------------------------------------------------------------------------------
@@ -224,8 +258,15 @@ class CrossModalSetup(Setup):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.embed(batch)
 
-    def _loss(self, embeddings: dict[str, torch.Tensor], group: torch.Tensor) -> torch.Tensor:
-        losses = torch.stack([self.loss(embeddings[a], embeddings[b], group) for a, b in self.pairs])
+    def _loss(self, embeddings: dict[str, torch.Tensor], group: torch.Tensor,
+              keys: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The weighted loss over every pair; with ``keys`` (the batch's momentum embeddings, `queue_size`),
+        each pair's rows are contrasted with those and the queue's."""
+        losses = torch.stack([
+            self.loss(embeddings[a], embeddings[b], group,
+                      *(() if keys is None else (self.queue.keys(keys, group, a, b),)))
+            for a, b in self.pairs
+        ])
         if self.training:
             self.loss_terms = {f"{a}-{b}": value.detach() for (a, b), value in zip(self.pairs, losses)}
         return (losses * self._pair_weights).sum() / self._pair_weights.sum()
@@ -247,7 +288,11 @@ class CrossModalSetup(Setup):
         """
         # the loss sees the global batch: every process's embeddings, with gradients
         embeddings = {name: gather_with_grad(e) for name, e in local.items()}
-        loss = self._loss(embeddings, gather(batch[GROUP]))
+        group = gather(batch[GROUP])
+        keys = self._momentum_embeddings(batch) if self.queue is not None else None
+        loss = self._loss(embeddings, group, keys)
+        if keys is not None:
+            self._enqueue(keys, group)
         if self.preservation:
             preserved = self.normalized({name: embeddings[name] for name in self.preservation})
             extra = self.preservation_loss({name: batch[name] for name in self.preservation}, preserved, batch_size)
@@ -282,6 +327,76 @@ class CrossModalSetup(Setup):
                                         lambda local: self._training_loss(local, batch, batch_size), params,
                                         self.device, scale)
         return surrogate
+
+    @staticmethod
+    def _checked_queue_size(size: int | None, loss: ContrastiveLoss) -> int | None:
+        """``queue_size``, or one line naming the option when it is not a positive integer or the loss takes
+        no queue."""
+        if size is None:
+            return None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"CrossModalSetup: queue_size (past embeddings kept per modality) must be an integer "
+                             f">= 1 or null (off), got {size!r}")
+        if not getattr(loss, "supports_queue", False):
+            from unimodality import registry
+
+            able = sorted(name for name, plugins in registry.registered("losses").items()
+                          if getattr(plugins[0].cls, "supports_queue", False))
+            raise ValueError(f"model.init_args.queue_size: {type(loss).__name__} takes no queue of past embeddings; "
+                             f"use a loss that does ({', '.join(able)}) or leave queue_size unset")
+        return size
+
+    def _momentum_source(self, name: str) -> nn.Module:
+        """What tower ``name``'s momentum copy averages: the whole tower if its encoder trains, else its head (a
+        frozen or disabled tower's representation is the same function online and averaged: its keys use the
+        online one, cached with ``cache_frozen``, and no copy of a frozen encoder is held)."""
+        tower = self.towers[name]
+        return tower if tower.mode == "trainable" else tower.head
+
+    @torch.no_grad()
+    def _momentum_embeddings(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The global batch's L2-normalised embeddings by the momentum towers (a ``grad_cache_chunk`` of rows
+        at a time when set), without gradients."""
+        n = len(batch[GROUP])
+        step = self.grad_cache_chunk or n
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.key_towers if name in batch}
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            chunk = {key: take_rows(value, rows) if step < n else value for key, value in batch.items()
+                     if key in parts or key.startswith(ROWS)}
+            for name in parts:
+                tower, key = self.towers[name], self.key_towers[name]
+                if tower.mode == "trainable":
+                    projected = key.head(key.represent(chunk[name]))
+                else:
+                    projected = key(tower.represent(chunk[name], self._cached_rows(name, tower, chunk)))
+                parts[name].append(F.normalize(projected, dim=-1))
+        return {name: gather(torch.cat(p)) for name, p in parts.items()}
+
+    def _enqueue(self, keys: dict[str, torch.Tensor], group: torch.Tensor) -> None:
+        """Queue the global batch's momentum embeddings (after its loss: a batch is not its own queue)."""
+        self.queue.push(keys, group)
+        if self.is_logging_step():
+            self.log("train/queue_fill", self.queue.filled / self.queue.size, batch_size=len(group))
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.key_towers is not None:  # after each optimizer step, as MoCo's momentum update
+            for name, key in self.key_towers.items():
+                ema_update(self._momentum_source(name), key, self.queue_momentum)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.key_towers is not None:  # standardisation statistics, fitted just now, reach the momentum towers
+            for name, key in self.key_towers.items():
+                for source, target in zip(self._momentum_source(name).buffers(), key.buffers(), strict=True):
+                    target.copy_(source)
+
+    def train(self, mode: bool = True) -> CrossModalSetup:
+        super().train(mode)
+        if self.key_towers is not None:  # no dropout in the keys; batch norm with the online statistics
+            self.key_towers.eval()
+        return self
 
     def _check_grad_cache(self) -> None:
         """One line naming the option when a tower normalises over the batch (per chunk, under caching)."""

@@ -15,6 +15,7 @@ from torch import nn
 from unimodality.augmentation import Augmentation, Compose
 from unimodality.batch import GROUP, INDEX
 from unimodality.distributed import gather, gather_with_grad
+from unimodality.ema import ema_update, frozen_copy
 from unimodality.encoder import Encoder
 from unimodality.loss import ContrastiveLoss
 from unimodality.metrics import SameGroupRecall
@@ -76,23 +77,6 @@ def teacher_momentum(step: int, total_steps: float, base: float, final: float) -
     if not math.isfinite(total_steps) or total_steps <= 0:
         return base
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-
-@torch.no_grad()
-def ema_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
-    """``teacher <- momentum * teacher + (1 - momentum) * student``, parameter by parameter; buffers (e.g.
-    batch-norm statistics) are copied."""
-    for p_student, p_teacher in zip(student.parameters(), teacher.parameters(), strict=True):
-        p_teacher.mul_(momentum).add_(p_student.detach(), alpha=1 - momentum)
-    for b_student, b_teacher in zip(student.buffers(), teacher.buffers(), strict=True):
-        b_teacher.copy_(b_student)
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` that gets no gradients and stays in eval mode (an EMA teacher)."""
-    teacher = copy.deepcopy(module)
-    teacher.requires_grad_(False)
-    return teacher.eval()
 
 
 class _EMATeacher:
