@@ -27,7 +27,7 @@ from unimodality.checkpoint import AtomicCheckpointIO, CheckpointError, read_che
 from unimodality.datamodule import DataModule
 from unimodality.errors import DataError
 from unimodality.outputs import EmbeddingWriter, ResultsWriter
-from unimodality.parser import UnimodalityArgumentParser, compose_configs
+from unimodality.parser import PLUGINS_ON_DEMAND, UnimodalityArgumentParser, compose_configs, plugins_on_demand
 from unimodality.paths import same_file
 from unimodality.plots import PlotCallback
 from unimodality.setup import NonFiniteLossError, Setup
@@ -71,6 +71,16 @@ class UnimodalityCLI(LightningCLI):
     """LightningCLI with unimodality's defaults: a run directory with CSV logs, best and last checkpoints,
     the resolved config, and models and data read back from a checkpoint for validate/test/predict."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("args")
+        given = sys.argv[1:] if given is None else given
+        given = list(given) if isinstance(given, list | tuple) else []
+        #: the subcommand a command line starts with: the only one whose options are built (None: all are; "":
+        #: none, for the command's own --help, which shows the subcommands' names and descriptions only)
+        self._only_subcommand = given[0] if given and given[0] in self.subcommands() else (
+            "" if given and all(arg in ("-h", "--help") for arg in given) else None)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults(
             {
@@ -87,6 +97,12 @@ class UnimodalityCLI(LightningCLI):
         )
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        if self._only_subcommand not in (None, subcommand):
+            # never parsed: only its name and description appear (in the command's --help), and building its
+            # options (the trainer's, the model's and the data's, from their signatures and docstrings) is
+            # most of what an option error costs beyond importing torch and Lightning
+            self._subcommand_method_arguments[subcommand] = []
+            return self.init_parser(**kwargs)
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand in ("fit", "predict"):  # validate/test have Lightning's --verbose (the results table)
             parser.add_argument(
@@ -633,8 +649,9 @@ def is_user_error(error: BaseException) -> bool:
 def _main(args: list[str] | None, callbacks: list[Any] | None = None) -> Any:
     from_command_line = args is None
     args = list(sys.argv[1:] if args is None else args)
-    if not _only_help(args):  # help names no class: it need not import every plugin (and what they import)
-        registry.load_plugins()
+    only_help = _only_help(args)
+    if not only_help and not PLUGINS_ON_DEMAND:
+        registry.load_plugins()  # else imported when jsonargparse first looks a class up (unimodality.parser)
     if args[:1] == ["plugins"]:
         return _print_plugins()
     if args[:1] == ["example-data"]:
@@ -657,20 +674,22 @@ def _main(args: list[str] | None, callbacks: list[Any] | None = None) -> Any:
     if from_command_line:
         # rewritten in place: DDP launches its worker processes with this same command line
         sys.argv[1:] = checkpoint_arguments(args)
-    return UnimodalityCLI(  # the CLI object: unimodality.api.fit reads its trainer
-        Setup,
-        DataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        parser_class=UnimodalityArgumentParser,
-        save_config_callback=RunConfigCallback,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        parser_kwargs={"description": DESCRIPTION, "formatter_class": _raw_formatter()},
-        args=None if from_command_line else checkpoint_arguments(args),
-        # Python objects (e.g. a sweep's pruning callback) beside the config's callbacks, not in config.yaml
-        trainer_defaults={"callbacks": callbacks} if callbacks else None,
-    )
+    # help names no class: it need not import every plugin (and what they import)
+    with plugins_on_demand(not only_help):
+        return UnimodalityCLI(  # the CLI object: unimodality.api.fit reads its trainer
+            Setup,
+            DataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=UnimodalityArgumentParser,
+            save_config_callback=RunConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            parser_kwargs={"description": DESCRIPTION, "formatter_class": _raw_formatter()},
+            args=None if from_command_line else checkpoint_arguments(args),
+            # Python objects (e.g. a sweep's pruning callback) beside the config's callbacks, not in config.yaml
+            trainer_defaults={"callbacks": callbacks} if callbacks else None,
+        )
 
 
 def _only_help(args: list[str]) -> bool:

@@ -522,6 +522,56 @@ def _import(path: str) -> Any:
 _install_class_switch_hook()
 
 
+# -- plugins imported when jsonargparse first looks for a class by name ------------------------------------
+
+#: while False, jsonargparse's subclass look-ups do not import the plugins (a command line that only asks for
+#: help, which lists the classes already imported, as it always has); see `plugins_on_demand`
+_load_plugins = contextvars.ContextVar("unimodality_load_plugins", default=True)
+
+
+def _install_plugin_hook() -> bool:
+    """Import the plugins (`registry.load_plugins`) the first time jsonargparse lists a type's subclasses,
+    which it does to resolve a short class name (``loss: ClipLoss``) and to show them in help, instead of
+    on every command: a command line that names no class by its short name (an option error, ``--print_config``
+    of full class paths) then never imports the plugins and what they import (pandas, anndata...). Returns
+    whether the hook is in place (False for another jsonargparse layout: the CLI then loads them up front)."""
+    from jsonargparse import _typehints
+
+    original = getattr(_typehints, "get_all_subclass_paths", None)
+    if original is None or not callable(getattr(_typehints, "resolve_class_path_by_name", None)):
+        return False
+    if getattr(original, "_unimodality", False):
+        return True
+
+    @functools.wraps(original)
+    def get_all_subclass_paths(*args: Any, **kwargs: Any) -> list[str]:
+        if _load_plugins.get():
+            registry.load_plugins()  # cached: one import of the entry points per process
+        return original(*args, **kwargs)
+
+    get_all_subclass_paths._unimodality = True  # type: ignore[attr-defined]
+    # resolve_class_path_by_name and the help's "known subclasses" call it through the module; the completion
+    # modules hold their own reference
+    for name, module in list(sys.modules.items()):
+        if name.startswith("jsonargparse") and getattr(module, "get_all_subclass_paths", None) is original:
+            module.get_all_subclass_paths = get_all_subclass_paths
+    return True
+
+
+#: whether plugins are imported on demand (else `unimodality.cli` imports them before parsing)
+PLUGINS_ON_DEMAND = _install_plugin_hook()
+
+
+@contextlib.contextmanager
+def plugins_on_demand(enabled: bool) -> Iterator[None]:
+    """Within this block, jsonargparse's subclass look-ups import the plugins first only if ``enabled``."""
+    token = _load_plugins.set(enabled)
+    try:
+        yield
+    finally:
+        _load_plugins.reset(token)
+
+
 # -- configs given one after the other: dicts of named classes merge ---------------------------------------
 
 def compose_configs(args: list[str]) -> list[str]:
