@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from unimodality import registry
@@ -87,3 +88,22 @@ def test_an_option_error_in_a_new_process_imports_no_plugin_module():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_lazy_default_is_what_jsonargparse_lazy_instance_builds():
+    """The plugins' default objects (``lazy_default``, which skips lazy_instance's inspect.stack()) are the
+    same lazy objects: the same class path and arguments in a config, a class of the caller's module, the
+    real object on first use."""
+    from jsonargparse import lazy_instance
+    from jsonargparse.typing import _LazyInitBaseClass
+
+    from unimodality.config import lazy_default
+    from unimodality.plugins.losses.clip import ClipLoss
+
+    ours, theirs = lazy_default(ClipLoss, init_scale=5.0), lazy_instance(ClipLoss, init_scale=5.0)
+    assert isinstance(ours, _LazyInitBaseClass) and isinstance(ours, ClipLoss)
+    assert ours.lazy_get_init_data() == theirs.lazy_get_init_data()
+    assert type(ours).__module__ == __name__ and type(ours).__name__ == type(theirs).__name__
+    assert type(lazy_default(ClipLoss)) is type(ours)  # one class per caller module, as jsonargparse's
+    logits = torch.randn(4, 8)
+    assert torch.equal(ours(logits, logits), ClipLoss(init_scale=5.0)(logits, logits))

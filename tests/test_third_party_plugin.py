@@ -189,9 +189,14 @@ def fake_entry_points():
         FakeEntryPoint("ClipLoss", f"{__name__}:OtherClipLoss", group, "other-pkg"),
     ]
 
+    class Every:  # what entry_points() returns: selectable by group
+        @staticmethod
+        def select(**selection):
+            found = list(real().select(**selection))
+            return found + extra if selection.get("group") == group else found
+
     def entry_points(**selection):
-        found = list(real(**selection))
-        return found + extra if selection.get("group") == group else found
+        return Every.select(**selection) if selection else Every()
 
     try:
         with pytest.MonkeyPatch.context() as patch:

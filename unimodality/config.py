@@ -48,6 +48,32 @@ class RecordsInitArgs:
         cls.__init__ = recording_init
 
 
+def lazy_default(class_type: type, **init_args: Any) -> Any:
+    """jsonargparse's ``lazy_instance(class_type, **init_args)``, for a default argument of a plugin's
+    ``__init__`` (e.g. ``loss: ContrastiveLoss = lazy_default(ClipLoss)``).
+
+    The same object as jsonargparse builds, without the ``inspect.stack()`` its version calls to find the
+    caller's module: that reads every frame's source line, 0.1-0.2 s per default at import time, which every
+    command that loads the plugins paid.
+    """
+    import sys
+
+    from jsonargparse import typing as jsonargparse_typing
+
+    base = getattr(jsonargparse_typing, "_LazyInitBaseClass", None)
+    if base is None:  # jsonargparse changed its internals: its own (slower) function still works
+        return jsonargparse_typing.lazy_instance(class_type, **init_args)
+    module = sys.modules.get(sys._getframe(1).f_globals.get("__name__", ""))
+    name = f"LazyInstance_{class_type.__name__}"
+    lazy_class = getattr(module, name, None)
+    if lazy_class is None:
+        lazy_class = type(name, (base, class_type), {"__doc__": f"Class for lazy instances of {class_type}"})
+        if module is not None:
+            lazy_class.__module__ = module.__name__
+            setattr(module, name, lazy_class)
+    return lazy_class(class_type, init_args)
+
+
 def config_form(value: Any) -> Any:
     """Turn objects (classes, partials, objects that record their init args) into plain config data."""
     if value is None or isinstance(value, (bool, int, float, str)):

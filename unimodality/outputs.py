@@ -121,20 +121,23 @@ def write_embeddings(
         adata.uns[RECORD_KEY] = {key: _h5ad_value(value) for key, value in record.items()}
         _atomic_write(output, adata.write_h5ad)
     else:
-        import pandas as pd
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = metadata.copy()
+        arrow = pa.Table.from_pandas(metadata, preserve_index=False)
         if obs_index:
-            table.insert(0, "obs_names", table.index.astype(str))
-        table = table.reset_index(drop=True)
-        columns = pd.DataFrame(embedding, columns=[f"{OBSM_KEY}_{i}" for i in range(embedding.shape[1])])
-        arrow = pa.Table.from_pandas(pd.concat([table, columns], axis=1), preserve_index=False)
+            arrow = arrow.add_column(0, "obs_names", pa.array(metadata.index.astype(str), pa.string()))
+        # one contiguous row of the transposed embedding per column: arrow takes each without a copy (a
+        # DataFrame of the embedding concatenated to the metadata copied both, a third of the write's time)
+        for i, column in enumerate(np.ascontiguousarray(embedding.T)):
+            arrow = arrow.append_column(f"{OBSM_KEY}_{i}", pa.array(column))
         arrow = arrow.replace_schema_metadata(
             {**(arrow.schema.metadata or {}), RECORD_KEY.encode(): json.dumps(record, default=str).encode()}
         )
-        _atomic_write(output, lambda tmp: pq.write_table(arrow, tmp))
+        # dictionary-encoded metadata (repeated SMILES, plates), not the embedding: pyarrow's default tries a
+        # dictionary for every column, in vain for floats (7x the write time, a file 1.5x as large)
+        dictionary = arrow.column_names[:arrow.num_columns - embedding.shape[1]]
+        _atomic_write(output, lambda tmp: pq.write_table(arrow, tmp, use_dictionary=dictionary))
     return output
 
 

@@ -54,8 +54,9 @@ def load_plugins(reload: bool = False) -> dict[str, dict[str, list[Plugin]]]:
     if _loaded is not None and not reload:
         return _loaded
     loaded: dict[str, dict[str, list[Plugin]]] = {group: {} for group in GROUPS}
+    every = importlib.metadata.entry_points()  # one scan of the installed packages, not one per group
     for group in GROUPS:
-        for ep in importlib.metadata.entry_points(group=group):
+        for ep in every.select(group=group):
             dist = ep.dist.name if ep.dist is not None else None
             try:
                 cls = ep.load()

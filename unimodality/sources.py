@@ -223,13 +223,15 @@ class ModalitySource(RecordsInitArgs):
         transform, negative ones (an error when embedding too: the log of a value in (-1, 0) is finite, so
         nothing would show later); then transform them."""
         names = self.feature_names() if names is None else names
-        self._check_finite(matrix, rows, names, "")
-        if self.transform != "none":
-            self._check_non_negative(matrix, rows, names)
+        if not all_within(matrix, non_negative=self.transform != "none"):  # then find and name the bad entries
+            self._check_finite(matrix, rows, names, "")
+            if self.transform != "none":
+                self._check_non_negative(matrix, rows, names)
         if self.transform in ("normalize_log1p", "clr"):
             self._check_not_empty(matrix, rows, empty_rows)
         matrix = apply_transform(matrix, self.transform, inplace=True)  # the rows were just read: ours to change
-        self._check_finite(matrix, rows, names, f" after the {self.transform!r} transform")
+        if not all_within(matrix):
+            self._check_finite(matrix, rows, names, f" after the {self.transform!r} transform")
         if not self.metadata_features:
             return matrix
         extra = self.metadata_block(rows)
@@ -321,6 +323,16 @@ class ModalitySource(RecordsInitArgs):
             f"meaningless after the {self.transform!r} transform (e.g. {examples}), which expects non-negative "
             "counts: give raw counts, or transform: none for data already transformed (log, z-scores)"
         )
+
+
+def all_within(matrix: Matrix, non_negative: bool = False) -> bool:
+    """Whether every stored value of ``matrix`` is finite (and, with ``non_negative``, >= 0): its minimum and
+    maximum, which a NaN propagates to, so no array of the matrix's size is made (`bad_entries` finds them)."""
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    if not values.size:
+        return True
+    low, high = values.min(), values.max()
+    return bool(np.isfinite(high) and (low >= 0 if non_negative else np.isfinite(low)))
 
 
 def bad_entries(matrix: Matrix, rows: np.ndarray | None, good) -> tuple[np.ndarray, np.ndarray]:

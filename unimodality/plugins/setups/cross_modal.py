@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jsonargparse import lazy_instance
 from torch import nn
 
 from unimodality import diagnostics
 from unimodality.batch import GROUP, INDEX, ROWS, rows_key
+from unimodality.config import lazy_default
 from unimodality.distributed import gather, gather_with_grad
 from unimodality.ema import ema_update, frozen_copy
 from unimodality.encoder import Encoder
@@ -84,7 +84,7 @@ class CrossModalSetup(Setup):
     def __init__(
         self,
         encoders: dict[str, Callable[[int], Encoder]] | None = None,
-        loss: ContrastiveLoss = lazy_instance(ClipLoss),
+        loss: ContrastiveLoss = lazy_default(ClipLoss),
         embed_dim: int = 128,
         modes: dict[str, TowerMode] | None = None,
         heads: dict[str, HeadKind] | None = None,

@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jsonargparse import lazy_instance
 from torch import nn
 
 from unimodality import diagnostics
 from unimodality.augmentation import Augmentation, Compose
 from unimodality.batch import GROUP
+from unimodality.config import lazy_default
 from unimodality.distributed import gather, gather_with_grad
 from unimodality.encoder import Encoder
 from unimodality.loss import ContrastiveLoss
@@ -62,7 +62,7 @@ class SimCLRSetup(SingleModalitySteps, Setup):
         self,
         encoder: Callable[[int], Encoder] | None = None,
         augmentations: list[Augmentation] | None = None,
-        loss: ContrastiveLoss = lazy_instance(NTXentLoss),
+        loss: ContrastiveLoss = lazy_default(NTXentLoss),
         embed_dim: int = 128,
         projection_hidden: int | None = None,
         retrieval_k: list[int] = [1, 5, 10],
