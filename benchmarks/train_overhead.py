@@ -13,7 +13,7 @@ best when other work shares the machine (medians and best runs are reported too)
 the same weights (same seed, same random draws): the "loss afterwards" they print must agree.
 
     python benchmarks/train_overhead.py                      # batch size 64 (5 steps per epoch)
-    python benchmarks/train_overhead.py --breakdown          # + Lightning without self.log, with CSV log/bar
+    python benchmarks/train_overhead.py --breakdown          # + without self.log, bare Lightning, CSV log/bar
     python benchmarks/train_overhead.py --batch-size 256 --epochs 150
     python benchmarks/train_overhead.py --hidden 2048 2048 --epochs 10   # a heavier model
 
@@ -40,7 +40,7 @@ from typing import Any
 import lightning
 import numpy as np
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 
 from unimodality.datamodule import GROUP
@@ -54,8 +54,10 @@ from unimodality.plugins.sources.table import TableSource
 RESULTS = Path(__file__).resolve().parent / "results" / "train_overhead.json"
 #: encoder widths of configs/clip.yaml
 CLIP_HIDDEN = {"tx": [512, 256], "ph": [256, 256]}
-#: the framework variants: the measurement, and (with --breakdown) two that locate its overhead
+#: the framework variants: the measurement, and (with --breakdown) three that locate its overhead
 LIGHTNING, NO_LOG, WITH_LOGGING = "lightning", "lightning, no self.log", "lightning + CSV log + progress bar"
+#: Lightning's own floor: the same towers, loss and optimizer in a LightningModule with only a training step
+BARE = "bare LightningModule"
 DATA_PIPELINE = (
     "both loops iterate PairedDataModule.train_dataloader() (example data, transform normalize_log1p, "
     "one replicate per perturbation redrawn each epoch, shuffle, drop_last, num_workers={})"
@@ -156,10 +158,29 @@ class UnloggedCrossModalSetup(CrossModalSetup):
         return False
 
 
+class BareModule(LightningModule):
+    """The plain loop's step as a LightningModule (training step and optimizer only, nothing logged): what
+    Lightning's loop costs by itself, so that the framework's own share of the overhead shows."""
+
+    def __init__(self, setup: CrossModalSetup) -> None:
+        super().__init__()
+        self.towers, self.loss = setup.towers, setup.loss
+        self.pairs = list(itertools.combinations(setup.towers, 2))
+        self._optimizer = setup.configure_optimizers()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        embeddings = {name: tower(batch[name]) for name, tower in self.towers.items()}
+        return torch.stack([self.loss(embeddings[a], embeddings[b], batch[GROUP]) for a, b in self.pairs]).mean()
+
+    def configure_optimizers(self) -> Any:
+        return self._optimizer
+
+
 def train_lightning(schema, args, hidden, variant: str = "lightning") -> dict[str, float]:
     datamodule = make_datamodule(args.batch_size, args.num_workers)
     cls = UnloggedCrossModalSetup if variant == NO_LOG else CrossModalSetup
     setup = make_model(schema, hidden, args.embed_dim, args.seed, cls)
+    module = BareModule(setup) if variant == BARE else setup
     timer = EpochTimer(args.warmup)
     with tempfile.TemporaryDirectory() as run_dir:
         with_logging = variant == WITH_LOGGING  # as `unimodality fit --config configs/clip.yaml`, minus validation
@@ -170,14 +191,14 @@ def train_lightning(schema, args, hidden, variant: str = "lightning") -> dict[st
             limit_val_batches=0,
             num_sanity_val_steps=0,
             logger=CSVLogger(run_dir, name="bench") if with_logging else False,
-            log_every_n_steps=5,
+            log_every_n_steps=args.log_every_n_steps,
             enable_progress_bar=with_logging,
             enable_checkpointing=False,
             enable_model_summary=False,
             callbacks=[timer],
             default_root_dir=run_dir,
         )
-        trainer.fit(setup, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule)
     assert timer.start is not None and timer.end is not None
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
@@ -252,9 +273,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 gives steadier figures on a busy machine")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every-n-steps", type=int, default=5,
+                        help="the framework's logging interval: the steps whose loss and diagnostics are logged "
+                        "(default 5, as configs/clip.yaml; Lightning's own default is 50)")
     parser.add_argument("--breakdown", action="store_true",
-                        help=f"also time '{NO_LOG}' (the cost of the training step's self.log calls) and "
-                        f"'{WITH_LOGGING}' (every 5 steps, as configs/clip.yaml)")
+                        help=f"also time '{NO_LOG}' (the cost of the training step's self.log calls), "
+                        f"'{BARE}' (Lightning's own loop, with nothing of ours) and '{WITH_LOGGING}'")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file (default: %(default)s)")
     args = parser.parse_args(argv)
 
@@ -277,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hidden = {name: list(args.hidden) for name in schema} if args.hidden else CLIP_HIDDEN
     n_params = sum(p.numel() for p in make_model(schema, hidden, args.embed_dim, args.seed).parameters())
 
-    variants = ["plain", LIGHTNING] + ([NO_LOG, WITH_LOGGING] if args.breakdown else [])
+    variants = ["plain", LIGHTNING] + ([NO_LOG, BARE, WITH_LOGGING] if args.breakdown else [])
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in [*variants, "data only"]}
     print(f"batch size {args.batch_size}, {steps_per_epoch} steps/epoch, {args.epochs} timed epochs "
           f"(+{args.warmup} warm-up) x {args.repeats} repeats, hidden {hidden}, {n_params / 1e6:.2f} M parameters, "
@@ -346,7 +370,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
             "data_pipeline": DATA_PIPELINE.format(args.num_workers),
             "lightning_trainer": "accelerator=cpu, devices=1, logger=False, enable_progress_bar=False, "
-            "enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0",
+            f"enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, "
+            f"log_every_n_steps={args.log_every_n_steps}",
         },
         "framework_over_plain": ratio,
         "same_final_loss": same_work,

@@ -22,6 +22,10 @@ def test_uniformity_matches_definition_and_orders_spread():
     assert diagnostics.uniformity(x).item() == pytest.approx(expected)
     collapsed = F.normalize(torch.ones(12, 3, dtype=torch.float64) + 1e-3 * x, dim=1)
     assert diagnostics.uniformity(collapsed) > diagnostics.uniformity(x)
+    # a float32 batch of training size against Wang & Isola's own formula (pdist), in float64
+    batch = F.normalize(torch.randn(256, 128), dim=1)
+    reference = torch.pdist(batch.double()).pow(2).mul(-2).exp().mean().log().item()
+    assert diagnostics.uniformity(batch).item() == pytest.approx(reference, abs=1e-5)
 
 
 def test_modality_gap_is_centroid_distance():
