@@ -15,16 +15,19 @@ parquet files (``parquet_sharded``); their C and D are reported as ratios to the
 Each streaming pass runs in a fresh process so its peak resident memory (VmHWM) is its own; the baseline is
 that process after setup, before the first batch.
 Goals (printed as ratios): C >= 0.5 x D warm; for CSR C >= 10 x B(h5py) and >= 100 x B(anndata);
-peak RSS of C <= baseline + 2 buffers; C feeds >= 2 x what an MLP encoder consumes.
+peak RSS of C <= baseline + 4 buffers (the one served, the next read ahead, a read's runs before its rows are
+selected); C feeds >= 2 x what an MLP encoder consumes.
 
     python benchmarks/loader.py --dir /tmp/unimodality-bench     # about 10 min the first time (generation)
     python benchmarks/loader.py --cases csr csr_sharded           # some cases only
     python benchmarks/loader.py --huge-gb 20 --batches 2000        # a 20 GB file streamed cold, then deleted
 
 Seen with --huge-gb 20 (2.5 M cells x 20,000 genes, 5 % non-zero, 20.1 GB on 24 GB of RAM; 2 cores, 512,000
-rows per pass, cold): peak RSS 0.83 GB; C 22,553 rows/s = 0.47 x reading the same rows in order into dense
-batches with h5py (47,539 rows/s; 0.20 x raw sequential reads, 917 MB/s); D (the loader with buffer-sized
-blocks) 45,466 rows/s = 0.96 x that baseline.
+rows per pass, cold), with the next buffer read ahead while one is served: peak RSS 0.83 GB; C 21,269 rows/s =
+0.50 x reading the same rows in order into dense batches with h5py (42,682 rows/s; 0.11 x raw sequential reads,
+1,588 MB/s); D (the loader with buffer-sized blocks) 55,053 rows/s = 1.29 x that baseline. Interleaved passes
+of C on the same file: 22,547 rows/s reading ahead, 17,089 rows/s reading each buffer when it is needed (medians
+of 2; asking the kernel for the next buffer's chunks with posix_fadvise(WILLNEED) instead gave 20,912).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from contextlib import redirect_stdout
 from functools import partial
 from pathlib import Path
@@ -156,6 +157,62 @@ def test_single_streaming_epochs_with_workers_and_ranks(matrix_files, num_worker
     assert not np.array_equal(next_epoch, np.concatenate(epoch_rows(data, num_workers, epoch=0)))
 
 
+def served(data: SingleDataModule, num_workers: int, epoch: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(rows, features) of each batch an epoch's DataLoader serves."""
+    dataset = data.datasets["train"]
+    dataset.shard(0, 1)
+    sampler = BufferSampler(dataset, num_replicas=1, rank=0, num_workers=num_workers)
+    sampler.set_epoch(epoch)
+    loader = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=lambda b: b)
+    return [(batch[GROUP].numpy(), batch["x"].numpy()) for batch in loader]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_next_buffer_is_read_ahead_and_serves_what_a_read_in_place_serves(matrix_files, num_workers,
+                                                                            monkeypatch):
+    from unimodality.streaming import StreamingDataset
+
+    data = SingleDataModule(AnnDataSource(str(matrix_files["csr"])), val_fraction=0.0, test_fraction=0.0,
+                            batch_size=16, streaming=True, block_size=8, buffer_batches=3)
+    data.setup("fit")
+    readers: list[str] = []
+    read_buffer = StreamingDataset._read_buffer
+
+    def recording(self, epoch, k):
+        readers.append(threading.current_thread().name)
+        return read_buffer(self, epoch, k)
+
+    monkeypatch.setattr(StreamingDataset, "_read_buffer", recording)
+    ahead = served(data, num_workers)
+    if num_workers == 0:  # every buffer but the first was read by the read-ahead thread
+        assert len(readers) == 6 and readers[0] == threading.current_thread().name
+        assert all(name.startswith("unimodality-read-ahead") for name in readers[1:]), readers
+    monkeypatch.setattr(StreamingDataset, "_read_ahead", lambda self, epoch, k: None)
+    in_place = served(data, num_workers)
+    assert len(ahead) == len(in_place) == 300 // 16
+    for (rows, x), (rows_in_place, x_in_place) in zip(ahead, in_place):
+        np.testing.assert_array_equal(rows, rows_in_place)
+        np.testing.assert_array_equal(x, x_in_place)
+        np.testing.assert_array_equal(x, matrix_files["dense_array"][rows])
+
+
+def test_a_bad_row_read_ahead_fails_when_its_buffer_is_served(tmp_path):
+    """The read-ahead thread's error is raised in the training process, at the batch a read in place
+    would have raised it (the batches before are served)."""
+    X = np.ones((96, 4), dtype=np.float32)
+    X[90, 2] = np.nan
+    ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=[f"c{i}" for i in range(96)])).write_h5ad(tmp_path / "n.h5ad")
+    data = SingleDataModule(AnnDataSource(str(tmp_path / "n.h5ad")), val_fraction=0.0, test_fraction=0.0,
+                            batch_size=8, streaming=True, block_size=96, buffer_batches=6)  # buffers: rows 0-47, 48-95
+    data.setup("fit")
+    dataset = data.datasets["train"]
+    sampler = BufferSampler(dataset, num_replicas=1, rank=0, num_workers=0)
+    first = [dataset[item] for item in list(sampler)[:6]]  # buffer 0, while buffer 1 is read ahead
+    assert len(first) == 6 and dataset._next is not None
+    with pytest.raises(DataError, match=r"n\.h5ad: .*row 90"):
+        dataset[list(sampler)[6]]
+
+
 def test_paired_streaming_pairs_replicates_of_the_same_key(tmp_path):
     """Each modality's first feature is its row's key id: a correct pairing puts equal values side by side."""
     rng = np.random.default_rng(1)
@@ -252,9 +309,10 @@ RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_streaming_memory_stays_within_two_buffers(tmp_path):
-    """A 160 MB dense file: streaming peaks at about a buffer (16 MB) over the baseline, reading it all
-    into memory at the file's size."""
+def test_streaming_memory_stays_within_four_buffers(tmp_path):
+    """A 160 MB dense file: streaming holds two buffers (16 MB each: the one served and the next, read
+    ahead) over the baseline, and up to about 3.5 while a read selects its rows from the runs it read;
+    reading it all into memory holds the file's size."""
     X = np.random.default_rng(0).random((20000, 2000), dtype=np.float32)
     ad.AnnData(X=X, obs=pd.DataFrame(index=[f"c{i}" for i in range(20000)])).write_h5ad(tmp_path / "big.h5ad")
     del X
@@ -266,7 +324,7 @@ def test_streaming_memory_stays_within_two_buffers(tmp_path):
         figures[streaming] = json.loads(result.stdout.strip().splitlines()[-1])
     streamed, loaded = figures["1"], figures["0"]
     assert streamed["base"] - streamed["start"] < streamed["buffer"], streamed  # setup reads no features
-    assert streamed["peak"] - streamed["base"] <= 2 * streamed["buffer"], streamed
+    assert streamed["peak"] - streamed["base"] <= 4 * streamed["buffer"], streamed
     assert loaded["peak"] - loaded["start"] >= 160e6  # the contrast: the in-memory path holds the file
 
 

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -611,6 +612,9 @@ class StreamingDataset(Dataset):
         self.rank, self.world = 0, 1
         self._plan: tuple[int, list[np.ndarray]] | None = None
         self._buffer: tuple[tuple[int, int], dict[str, Any]] | None = None
+        #: the next buffer of this process, read in a thread while the current one is served
+        self._next: tuple[tuple[int, int], Future] | None = None
+        self._reader: tuple[int, ThreadPoolExecutor] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -619,6 +623,7 @@ class StreamingDataset(Dataset):
         """Read the share of rank ``rank`` of ``world`` processes."""
         self.rank, self.world = rank, world
         self._plan = self._buffer = None
+        self._discard_next()
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         if self._plan is None or self._plan[0] != epoch:
@@ -649,7 +654,8 @@ class StreamingDataset(Dataset):
         epoch, k, j = item
         if self._buffer is None or self._buffer[0] != (epoch, k):
             self._buffer = None  # let the old buffer go before reading the next
-            self._buffer = ((epoch, k), self._read_buffer(epoch, k))
+            self._buffer = ((epoch, k), self._take_next(epoch, k))
+            self._read_ahead(epoch, k)
         span = slice(j * self.batch_size, (j + 1) * self.batch_size)
         batch = {}
         for name, value in self._buffer[1].items():
@@ -658,6 +664,38 @@ class StreamingDataset(Dataset):
             else:
                 batch[name] = take_rows(value.features, value.rows[span])
         return batch
+
+    # -- reading ahead: the disk works while batches are served (cold files, network file systems) ---------
+    def _take_next(self, epoch: int, k: int) -> dict[str, Any]:
+        """Buffer ``k``: the one read ahead if it is that one (its read's error, if any, raised now, where
+        a read in place would have raised it), else read now."""
+        if self._next is not None and self._next[0] == (epoch, k):
+            future, self._next = self._next[1], None
+            return future.result()
+        self._discard_next()
+        return self._read_buffer(epoch, k)
+
+    def _read_ahead(self, epoch: int, k: int) -> None:
+        """Start reading the next buffer this process serves (buffers go to DataLoader workers round-robin:
+        buffer ``k + workers``): two buffers are held, the one served and the next."""
+        info = torch.utils.data.get_worker_info()
+        following = k + (info.num_workers if info is not None else 1)
+        if following >= len(self.plan(epoch)):
+            return
+        if self._reader is None or self._reader[0] != os.getpid():  # a thread does not survive a fork
+            self._reader = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="unimodality-read-ahead"))
+        self._next = ((epoch, following), self._reader[1].submit(self._read_buffer, epoch, following))
+
+    def _discard_next(self) -> None:
+        if self._next is not None:
+            self._next[1].cancel()
+            wait([self._next[1]])  # no read still running on the store when it is reused
+            self._next = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_next"] = state["_reader"] = None  # a thread and its pending read stay in this process
+        return state
 
 
 @dataclass
