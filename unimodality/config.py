@@ -9,10 +9,12 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import sys
 import warnings
 from typing import Any
 
 from jsonargparse import Namespace
+from jsonargparse import typing as jsonargparse_typing
 
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
@@ -56,10 +58,6 @@ def lazy_default(class_type: type, **init_args: Any) -> Any:
     caller's module: that reads every frame's source line, 0.1-0.2 s per default at import time, which every
     command that loads the plugins paid.
     """
-    import sys
-
-    from jsonargparse import typing as jsonargparse_typing
-
     base = getattr(jsonargparse_typing, "_LazyInitBaseClass", None)
     if base is None:  # jsonargparse changed its internals: its own (slower) function still works
         return jsonargparse_typing.lazy_instance(class_type, **init_args)
