@@ -167,6 +167,23 @@ def test_warmup_cosine_per_step_fills_in_the_run_length_and_its_checkpoint_loads
     assert loaded.hparams["lr_scheduler"]["class_path"] == "unimodality.schedulers.WarmupCosineLR"
 
 
+@pytest.mark.parametrize("interval, t_max, warned", [("epoch", 2, True), ("epoch", 3, False), ("step", 5, True),
+                                                    ("step", 9, False)])
+def test_a_cosine_schedule_shorter_than_the_run_is_named(caplog, interval, t_max, warned):
+    """configs/ ship ``CosineAnnealingLR`` with ``T_max`` = their ``max_epochs``: a longer run (3 epochs x 3
+    steps here) would see the rate climb back, so the option to change is named."""
+    setup = model(lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=t_max),
+                  lr_scheduler_interval=interval)
+    trainer = quiet_trainer(max_epochs=3, limit_train_batches=3, limit_val_batches=0)
+    trainer.fit(setup, datamodule=example_datamodule())
+    messages = [r.getMessage() for r in caplog.records if "CosineAnnealingLR" in r.getMessage()]
+    unit, run = ("steps", 9) if interval == "step" else ("epochs", 3)
+    assert messages == ([f"model.init_args.lr_scheduler: CosineAnnealingLR's T_max ({t_max} {unit}) is shorter than "
+                         f"the run ({run} {unit}), so the learning rate climbs back up after {t_max} {unit}; set "
+                         f"model.init_args.lr_scheduler.init_args.T_max to {run}, or use WarmupCosineLR, which "
+                         "follows the run's length"] if warned else [])
+
+
 @pytest.mark.slow
 def test_warmup_cosine_from_yaml_per_step_fills_in_the_run_length(tmp_path):
     scheduler = '{"class_path": "WarmupCosineLR", "init_args": {"warmup_steps": 2}}'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 import re
 from pathlib import Path
@@ -20,6 +21,8 @@ from unimodality.config import ConfigHyperparameters
 from unimodality.distributed import gather
 from unimodality.schedulers import WarmupCosineLR
 from unimodality.standardization import METHODS, statistics
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -278,10 +281,31 @@ class Setup(ConfigHyperparameters, LightningModule):
         if self.lr_scheduler is None:
             return optimizer
         scheduler = build("lr_scheduler", self.lr_scheduler, optimizer, **self._schedule_length())
+        self._check_cosine_length(scheduler)
         config = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.lr_scheduler_monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _check_cosine_length(self, scheduler: Any) -> None:
+        """Warn when a ``CosineAnnealingLR`` is shorter than the run: its cosine is periodic, so the learning
+        rate climbs back to its start after ``T_max`` (e.g. a config's ``T_max: 60`` with ``--trainer.max_epochs
+        200``)."""
+        if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or self._trainer is None:
+            return
+        step = self.lr_scheduler_interval == "step"
+        if not step and self.trainer.max_steps not in (None, -1):
+            return  # max_steps may end the run before max_epochs: its length in epochs is not known here
+        total = self.trainer.estimated_stepping_batches if step else self.trainer.max_epochs
+        if total is None or total < 0 or not math.isfinite(total) or total <= scheduler.T_max:
+            return
+        unit = "steps" if step else "epochs"
+        log.warning(
+            "model.init_args.lr_scheduler: CosineAnnealingLR's T_max (%d %s) is shorter than the run (%d %s), so "
+            "the learning rate climbs back up after %d %s; set model.init_args.lr_scheduler.init_args.T_max to %d, "
+            "or use WarmupCosineLR, which follows the run's length",
+            scheduler.T_max, unit, int(total), unit, scheduler.T_max, unit, int(total),
+        )
 
     def _schedule_length(self) -> dict[str, int]:
         """``total_steps`` of a ``WarmupCosineLR`` left unset: the run's length in scheduler steps."""
