@@ -6,7 +6,6 @@ for the evaluation callback.
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,28 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
-
-from unimodality.errors import DataError
-
-log = logging.getLogger(__name__)
 
 
 def embed_input(item: Any, path: Path | None, checkpoint: str, modality: str | None,
                 source_options: dict[str, Any] | None, batch_size: int,
                 trust_checkpoint: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Row numbers and embeddings of an input (a file, or an in-memory ``AnnData``/``DataFrame``, written to
-    a temporary file first: the datamodule reads files) by a checkpoint's tower."""
-    with tempfile.TemporaryDirectory(prefix="unimodality-evaluate-") as folder:
-        if path is None:
-            path = Path(folder) / ("input.h5ad" if not isinstance(item, pd.DataFrame) else "input.parquet")
-            if isinstance(item, pd.DataFrame):
-                item.to_parquet(path)
-            else:
-                item.write_h5ad(path)
-        return embed_with_checkpoint(path, checkpoint, modality=modality, source_options=source_options,
-                                     batch_size=batch_size, trust_checkpoint=trust_checkpoint)
+    """Row numbers and embeddings of an input (its file, or an in-memory ``AnnData``/``DataFrame``) by a
+    checkpoint's tower."""
+    return embed_with_checkpoint(item if path is None else path, checkpoint, modality=modality,
+                                 source_options=source_options, batch_size=batch_size,
+                                 trust_checkpoint=trust_checkpoint)
 
 
 def load_model(checkpoint: str | Path, trust_checkpoint: bool = False) -> Any:
@@ -47,23 +35,9 @@ def load_model(checkpoint: str | Path, trust_checkpoint: bool = False) -> Any:
         trust_checkpoint: unpickle any object it holds (``torch.load(weights_only=False)``), which can run
             code: only for checkpoints of a known origin. The classes it names are checked either way.
     """
-    from unimodality import trust
-    from unimodality.checkpoint import read_checkpoint
+    from unimodality.api import load
 
-    # readable, tensors only (unless trusted), a known format, known classes: before anything is built
-    content = read_checkpoint(checkpoint, trust=trust_checkpoint)
-    saved = trust.upgrade_class_paths(content.get("hyper_parameters") or {}).get("_class_path")
-    if not saved:
-        raise DataError(f"{checkpoint}: holds no model config (hyper_parameters._class_path); is it a unimodality "
-                        "checkpoint?")
-    setup = trust.check_class(saved, "setup", str(checkpoint), "hyper_parameters._class_path", imports=False)
-    if not trust_checkpoint:
-        return setup.load_from_checkpoint(str(checkpoint)).eval()
-    # a trusted file is unpickled once, here: Setup.load_from_checkpoint would read it again, safely, and
-    # refuse it; Lightning's own loader builds the model from what was read (and checked) above
-    from lightning.pytorch.core.saving import _load_state
-
-    return _load_state(setup, content).eval()
+    return load(checkpoint, trust_checkpoint=trust_checkpoint).module
 
 
 @dataclass
@@ -99,47 +73,24 @@ def unique_rows(rows: list[np.ndarray], vectors: list[np.ndarray]) -> tuple[np.n
 
 
 def embed_with_checkpoint(
-    path: str | Path, checkpoint: str | Path, modality: str | None = None,
+    path: Any, checkpoint: str | Path, modality: str | None = None,
     source_options: dict[str, Any] | None = None, batch_size: int = 512, trust_checkpoint: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Row numbers of ``path`` and their embeddings by the checkpoint's tower, through ``Trainer.predict``.
+    """Row numbers of ``path`` and their embeddings by the checkpoint's tower: ``unimodality.load(checkpoint)
+    .embed(path, ..., return_rows=True)``, which embeds exactly as ``predict`` does.
 
     Args:
-        path: the file to embed.
+        path: the file to embed, or an ``AnnData``/``DataFrame`` (see `unimodality.api.Model.embed`).
         checkpoint: a checkpoint of a trained model.
         modality: which tower embeds it (default: the one whose training files had this file's type).
         source_options: settings replacing those of the tower's source recorded in the checkpoint.
         batch_size: rows per forward pass.
         trust_checkpoint: see `load_model`.
     """
-    from lightning.pytorch import Callback, Trainer
+    from unimodality.api import load
 
-    from unimodality.datamodule import INDEX
-
-    model = load_model(checkpoint, trust_checkpoint=trust_checkpoint)
-
-    class Collect(Callback):
-        def __init__(self) -> None:
-            self.rows: list[np.ndarray] = []
-            self.vectors: list[np.ndarray] = []
-
-        def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-            self.rows.append(outputs[INDEX].detach().cpu().numpy())
-            self.vectors.append(outputs["embedding"].detach().float().cpu().numpy())
-
-    with predict_datamodule(model, path, modality, source_options, batch_size) as datamodule:
-        collect = Collect()
-        quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-        level = quiet.level
-        quiet.setLevel(logging.WARNING)  # "GPU available: ..." lines would bury the report
-        try:
-            trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                              enable_model_summary=False, callbacks=[collect], devices=1)
-            # the datamodule is set up already (for this model): the trainer only iterates its dataloader
-            trainer.predict(model, dataloaders=datamodule.predict_dataloader(), return_predictions=False)
-        finally:
-            quiet.setLevel(level)
-    return unique_rows(collect.rows, collect.vectors)
+    return load(checkpoint, trust_checkpoint=trust_checkpoint).embed(
+        path, modality, batch_size=batch_size, source_options=source_options, return_rows=True)
 
 
 def embed_with_model(model: Any, datamodule: Any, trainer: Any = None) -> tuple[np.ndarray, np.ndarray]:
