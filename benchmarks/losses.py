@@ -8,8 +8,9 @@ as differentiating POT's solver does, instead of the envelope gradient; DINO and
 KL per anchor against the mean target of its replicates). Both run on the same inputs
 and must agree (the script checks it).
 
-``ClipLoss`` and ``NTXentLoss`` are also timed against the implementations the field uses, transcribed
-below with their source named (``ANCHORS``): open_clip's ``ClipLoss`` and lightly's ``NTXentLoss``,
+``ClipLoss``, ``SigLipLoss`` and ``NTXentLoss`` are also timed against the implementations the field uses,
+transcribed below with their source named (``ANCHORS``): open_clip's ``ClipLoss`` and ``SigLipLoss`` and
+lightly's ``NTXentLoss``,
 single process, without replicate groups (they have none). The comparison runs ours with
 ``use_groups=False`` (``textbook``: the same loss, the values must agree) and ours with groups (the
 multi-positive loss) against the anchor's textbook loss.
@@ -253,6 +254,15 @@ def open_clip_loss(loss, a, b, group):
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
+def open_clip_siglip(loss, a, b, group):
+    """open_clip's ``SigLipLoss._loss`` (``negative_only=False``) with ``world_size == 1``
+    (mlfoundations/open_clip, src/open_clip/loss.py: ``get_ground_truth`` and ``_loss``)."""
+    logits = loss.scale * a @ b.T + loss.bias
+    n = a.shape[0]
+    labels = 2 * torch.eye(n, device=a.device, dtype=a.dtype) + -torch.ones((n, n), device=a.device, dtype=a.dtype)
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
 def lightly_ntxent(loss, a, b, group):
     """lightly's ``NTXentLoss.forward``, no memory bank, one process.
 
@@ -276,7 +286,8 @@ def lightly_ntxent(loss, a, b, group):
 
 
 #: loss -> (anchor's name, its formula)
-ANCHORS = {"ClipLoss": ("open_clip", open_clip_loss), "NTXentLoss": ("lightly", lightly_ntxent)}
+ANCHORS = {"ClipLoss": ("open_clip", open_clip_loss), "SigLipLoss": ("open_clip", open_clip_siglip),
+           "NTXentLoss": ("lightly", lightly_ntxent)}
 
 
 # -- one measurement (in a child process) -----------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodality.loss import ContrastiveLoss, Keys
+from unimodality.loss import ContrastiveLoss, Keys, group_index, group_sums
 
 
 class SigLipLoss(ContrastiveLoss):
@@ -66,10 +66,19 @@ class SigLipLoss(ContrastiveLoss):
     def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None,
                 keys: Keys | None = None) -> torch.Tensor:
         scale, n = self.scale, a.shape[0]
-        positive = self.positives(group, n, a.device)
-        signs = positive.to(a.dtype) * 2 - 1  # +1 for positives, -1 for negatives
         if keys is None:
-            return -F.logsigmoid(signs * (scale * a @ b.T + self.bias)).sum() / n
+            # -log sigmoid(z x) = softplus(x) - [z = +1] x: softplus over every pair, less the positive pairs'
+            # logits, which group sums give (sum over groups of sum_a . sum_b, and the bias per pair): no
+            # n x n mask nor sign matrix, one n x n matrix (the logits) kept for backward
+            if group is None or not self.use_groups:  # the diagonal
+                positive = scale * torch.vdot(a.flatten(), b.flatten()) + self.bias * n
+            else:
+                index, counts = group_index(group, n, a.device)
+                positive = (scale * (group_sums(a, index, len(counts)) * group_sums(b, index, len(counts))).sum()
+                            + self.bias * counts.square().sum())
+            logits = (scale * a) @ b.T  # scaling a, not the n x n product; the bias added in place
+            return (F.softplus(logits.add_(self.bias)).sum() - positive) / n
+        signs = self.positives(group, n, a.device).to(a.dtype) * 2 - 1  # +1 for positives, -1 for negatives
         total = a.new_zeros(())
         for rows, columns in ((a, keys.b), (b, keys.a)):  # each modality's rows against the other's keys
             logits = scale * rows @ columns.T + self.bias
