@@ -299,6 +299,8 @@ class Setup(ConfigHyperparameters, LightningModule):
         total = self.trainer.estimated_stepping_batches if step else self.trainer.max_epochs
         if total is None or total < 0 or not math.isfinite(total) or total <= scheduler.T_max:
             return
+        if not self.trainer.is_global_zero:  # once per run, not once per process
+            return
         unit = "steps" if step else "epochs"
         log.warning(
             "model.init_args.lr_scheduler: CosineAnnealingLR's T_max (%d %s) is shorter than the run (%d %s), so "
