@@ -574,10 +574,12 @@ def test_a_validation_split_of_one_perturbation_warns(data, tmp_path, caplog):
 
 # -- one run per run directory ------------------------------------------------------------------------------
 
-def hold_lock(run_dir: Path, ready: int) -> None:
-    from unimodality.run_lock import lock_run_directory
+def hold_lock(run_dir: Path, ready: int, forget_inherited: bool = False) -> None:
+    from unimodality import run_lock
 
-    lock_run_directory(run_dir)
+    if forget_inherited:  # a forked child inherits the parent's record of the locks it holds, not the locks
+        run_lock._held.clear()
+    run_lock.lock_run_directory(run_dir)
     os.write(ready, b"locked\n")
     time.sleep(120)
 
@@ -601,6 +603,16 @@ def test_a_run_directory_in_use_is_refused_at_once_and_freed_when_its_run_dies(d
     code, printed = run(args)
     assert code == 0, printed
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    # the fit has ended: the directory is free again (for a resumed run in another process)
+    ready, told = os.pipe()
+    holder = fork(hold_lock, run_dir, told, True)
+    os.close(told)
+    try:
+        with os.fdopen(ready) as pipe:
+            assert pipe.readline().strip() == "locked"
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
 
 
 def test_runs_started_together_claim_distinct_numbered_directories(tmp_path):

@@ -257,12 +257,13 @@ class UnimodalityCLI(LightningCLI):
                     created = above or (Path(logger.root_dir) / name).absolute()
                     break
                 logger._version = None  # taken by a run started at the same moment: the next number
-        run_lock.lock_run_directory(
+        self._locked = run_lock.lock_run_directory(
             logger.log_dir, hint=", or give this one another directory (--trainer.logger.init_args.version)"
         )
         return (created, Path(logger.log_dir)) if created is not None else None
 
     def fit(self, model: LightningModule, datamodule: Any = None, ckpt_path: str | None = None, **kwargs: Any):
+        self._locked: Path | None = None
         created = self._lock_run_directory()
         try:
             self._fit(model, datamodule, ckpt_path, **kwargs)
@@ -270,6 +271,9 @@ class UnimodalityCLI(LightningCLI):
             if created is not None:
                 run_lock.remove_failed_run(*created)  # a fit that failed (bad data...) leaves no empty run behind
             raise
+        finally:
+            if self._locked is not None:
+                run_lock.release_run_directory(self._locked)
 
     def _fit(self, model: LightningModule, datamodule: Any, ckpt_path: str | None, **kwargs: Any) -> None:
         # a run directory that already holds a checkpoint (a requeued Slurm job, or a run started again with

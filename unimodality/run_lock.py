@@ -29,7 +29,7 @@ def lock_run_directory(run_dir: str | Path, hint: str = "") -> Path:
     if run_dir in _held:
         return run_dir
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir.parent / f".{run_dir.name}.lock", "a+")  # noqa: SIM115 - held open for the life of the process
+    handle = open(run_dir.parent / f".{run_dir.name}.lock", "a+")  # noqa: SIM115 - held open until the fit ends
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -45,6 +45,15 @@ def lock_run_directory(run_dir: str | Path, hint: str = "") -> Path:
     handle.flush()
     _held[run_dir] = handle
     return run_dir
+
+
+def release_run_directory(run_dir: str | Path) -> None:
+    """Let ``run_dir`` go once its fit has ended, so a later fit (in this process or another) may take it and
+    a process running many fits (a sweep, a notebook) does not keep a file open for each. The lock file
+    stays: a process that has it open then locks the same file."""
+    handle = _held.pop(Path(run_dir).resolve(), None)
+    if handle is not None:
+        handle.close()
 
 
 def claim_new_directory(parent: Path, name: str) -> bool:
