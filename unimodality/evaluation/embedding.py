@@ -17,16 +17,6 @@ import numpy as np
 import torch
 
 
-def embed_input(item: Any, path: Path | None, checkpoint: str, modality: str | None,
-                source_options: dict[str, Any] | None, batch_size: int,
-                trust_checkpoint: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Row numbers and embeddings of an input (its file, or an in-memory ``AnnData``/``DataFrame``) by a
-    checkpoint's tower."""
-    return embed_with_checkpoint(item if path is None else path, checkpoint, modality=modality,
-                                 source_options=source_options, batch_size=batch_size,
-                                 trust_checkpoint=trust_checkpoint)
-
-
 def load_model(checkpoint: str | Path, trust_checkpoint: bool = False) -> Any:
     """The trained setup a checkpoint holds, in eval mode, read as every command reads checkpoints.
 

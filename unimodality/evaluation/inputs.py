@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from unimodality.errors import DataError
-from unimodality.evaluation.embedding import embed_input
+from unimodality.evaluation.embedding import embed_with_checkpoint
 from unimodality.sources import Transform
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ def load_dataset(
             if (features or "X") == "X":
                 feature_names = [str(v) for v in item.var_names]
         if checkpoint:
-            rows, vectors = embed_input(item, path, embedding, modality, source_options, batch_size,
-                                         trust_checkpoint)
+            rows, vectors = embed_with_checkpoint(item if path is None else path, embedding, modality,
+                                                  source_options, batch_size, trust_checkpoint)
         else:
             rows, vectors = None, _anndata_matrix(item, embedding, where, "embedding")
         is_raw = embedding in ("X", features or "X") and not checkpoint
@@ -103,8 +103,8 @@ def load_dataset(
         table = item.reset_index(drop=True)
         embedding_columns: list[str] = []
         if checkpoint:
-            rows, vectors = embed_input(table, path, embedding, modality, source_options, batch_size,
-                                         trust_checkpoint)
+            rows, vectors = embed_with_checkpoint(table if path is None else path, embedding, modality,
+                                                  source_options, batch_size, trust_checkpoint)
         elif embedding != "X":
             embedding_columns, vectors = _table_embedding(table, embedding, where)
             rows = None
