@@ -29,7 +29,8 @@ def test_train_overhead_breakdown_runs_every_variant_on_the_same_work(example_da
     written = json.loads(out.read_text())
     summary = written["summary"] if "summary" in written else written
     variants = [v for v in summary if "ratio_vs_plain" in summary[v]]
-    assert len(variants) == 4, summary.keys()  # Lightning, and the three breakdown variants
+    assert len(variants) == 5, summary.keys()  # the fused plain loop, Lightning, the three breakdown variants
+    assert all("ratio_vs_plain_fused" in summary[v] for v in variants if v != "plain, fused AdamW")
     assert "did not do the same work" not in printed.getvalue()
 
 

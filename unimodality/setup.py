@@ -19,6 +19,7 @@ from unimodality.checkpoint import check_checkpoint, read_checkpoint, stamp
 from unimodality.cka import linear_cka
 from unimodality.config import ConfigHyperparameters
 from unimodality.distributed import gather
+from unimodality.fused import fused_default
 from unimodality.schedulers import WarmupCosineLR
 from unimodality.standardization import METHODS, statistics
 
@@ -277,7 +278,9 @@ class Setup(ConfigHyperparameters, LightningModule):
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:
-        optimizer = build("optimizer", self.optimizer, self.parameter_groups())
+        groups = self.parameter_groups()
+        target, kwargs = factory_target(self.optimizer)
+        optimizer = build("optimizer", self.optimizer, groups, **fused_default(target, kwargs, groups, self._trainer))
         if self.lr_scheduler is None:
             return optimizer
         scheduler = build("lr_scheduler", self.lr_scheduler, optimizer, **self._schedule_length())
