@@ -227,6 +227,24 @@ def test_the_queue_keeps_the_last_rows_oldest_first():
     assert restored.ordered()[1].tolist() == [14, 15, 16, 17, 18]
 
 
+def test_every_pair_of_three_modalities_shares_each_modalitys_keys():
+    """With three modalities, each modality's batch rows are joined with its queue once, not once per pair."""
+    queue = EmbeddingQueue(["tx", "ph", "mol"], size=4, dim=2)
+    for start in (0, 3):
+        rows, group = tagged(start, 3)
+        queue.push({**rows, "mol": 2 * rows["tx"]}, group)
+    now, now_group = tagged(100, 2)
+    now["mol"] = 2 * now["tx"]
+    pairs = [("tx", "ph"), ("tx", "mol"), ("ph", "mol")]
+    shared = queue.keys_of_pairs(now, now_group, pairs)
+    for (a, b), keys in zip(pairs, shared):
+        one = queue.keys(now, now_group, a, b)
+        for got, want in zip(keys, one):
+            assert torch.equal(got, want)
+    assert shared[0].a is shared[1].a and shared[0].b is shared[2].a and shared[1].b is shared[2].b
+    assert shared[0].group is shared[2].group and len(shared[0].group) == 2 + 4
+
+
 def setup_with_queue(size: int = 20, loss=None, **kwargs) -> CrossModalSetup:
     torch.manual_seed(0)
     setup = CrossModalSetup(encoders={n: partial(MLPEncoder, hidden_sizes=[12], dropout=0.0) for n in SCHEMA},

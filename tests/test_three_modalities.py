@@ -59,3 +59,13 @@ def test_trains_and_reports_retrieval_for_every_pair():
     for pair in ("tx-ph", "tx-ph2", "ph-ph2"):
         assert float(trainer.callback_metrics[f"train/modality_gap/{pair}"]) >= 0
         assert float(trainer.callback_metrics[f"train/alignment/{pair}"]) >= 0
+
+
+def test_a_queue_trains_every_pair_of_three_modalities():
+    """Each pair's loss meets the queued keys of its two modalities (joined once per modality, shared)."""
+    setup = model(queue_size=48)
+    trainer = quiet_trainer(max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1)
+    trainer.fit(setup, datamodule=three_modalities())
+    assert setup.queue.filled == 48 and set(setup.queue.names) == {"tx", "ph", "ph2"}
+    assert set(setup.loss_terms) == {"tx-ph", "tx-ph2", "ph-ph2"}
+    assert all(torch.isfinite(value) for value in setup.loss_terms.values())

@@ -18,7 +18,8 @@ class Keys(NamedTuple):
     Rows ``0..n-1`` of ``a`` and ``b`` are the batch's own rows in batch order (row ``i``'s positives are
     among them, as in the plain loss), the rest the queue's; ``a`` gives the columns of ``b``'s rows (the
     ``b -> a`` direction), ``b`` those of ``a``'s rows. Queue entries of a row's own group are neither
-    positives nor negatives of it (they may be that very sample, embedded a few steps ago).
+    positives nor negatives of it (they may be that very sample, embedded a few steps ago). With three
+    modalities or more, pairs share a modality's tensors: a loss reads them and never writes them in place.
     """
 
     #: ``(n + k, d)`` momentum embeddings of the first modality: the batch's ``n`` rows, then ``k`` queued ones

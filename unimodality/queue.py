@@ -74,10 +74,23 @@ class EmbeddingQueue(nn.Module):
             a: first modality.
             b: second modality.
         """
+        return self.keys_of_pairs(batch, group, [(a, b)])[0]
+
+    def keys_of_pairs(self, batch: dict[str, torch.Tensor], group: torch.Tensor,
+                      pairs: list[tuple[str, str]]) -> list[Keys]:
+        """`keys` of every pair, each modality's rows joined with its queue once: with three modalities and
+        more, a pair's keys share their tensors with the other pairs' (losses read keys, never write them).
+
+        Args:
+            batch: ``(n, dim)`` momentum embeddings of the batch per modality.
+            group: ``(n,)`` the batch's group ids.
+            pairs: the modality pairs, in the order of the result.
+        """
         queued = self.embeddings[:, :self.filled]  # until full, the filled rows are the first ones
-        return Keys(torch.cat([batch[a], queued[self.names.index(a)]]),
-                    torch.cat([batch[b], queued[self.names.index(b)]]),
-                    torch.cat([group, self.group[:self.filled]]))
+        names = dict.fromkeys(name for pair in pairs for name in pair)
+        rows = {name: torch.cat([batch[name], queued[self.names.index(name)]]) for name in names}
+        groups = torch.cat([group, self.group[:self.filled]])
+        return [Keys(rows[a], rows[b], groups) for a, b in pairs]
 
     def ordered(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The queue's rows oldest first, per modality, and their groups (for inspection)."""

@@ -262,10 +262,10 @@ class CrossModalSetup(Setup):
               keys: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The weighted loss over every pair; with ``keys`` (the batch's momentum embeddings, `queue_size`),
         each pair's rows are contrasted with those and the queue's."""
+        queued = [None] * len(self.pairs) if keys is None else self.queue.keys_of_pairs(keys, group, self.pairs)
         losses = torch.stack([
-            self.loss(embeddings[a], embeddings[b], group,
-                      *(() if keys is None else (self.queue.keys(keys, group, a, b),)))
-            for a, b in self.pairs
+            self.loss(embeddings[a], embeddings[b], group, *(() if pair_keys is None else (pair_keys,)))
+            for (a, b), pair_keys in zip(self.pairs, queued)
         ])
         if self.training:
             self.loss_terms = {f"{a}-{b}": value.detach() for (a, b), value in zip(self.pairs, losses)}
