@@ -218,6 +218,18 @@ def test_batch_of_one_group_stays_finite(make_loss):
         assert p.grad is None or torch.isfinite(p.grad).all()
 
 
+@pytest.mark.parametrize("group", [None, [0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]],
+                         ids=["no-groups", "groups", "one-group"])
+def test_hopfield_gradients_pass_gradcheck(group):
+    # the leave-one-out fills run outside autograd: the analytic gradient must still be the true one
+    a, b = (x.requires_grad_() for x in embeddings(n=6))
+    loss = HopfieldLoss(inv_tau=5.0, learn_inv_tau=True).double()
+    group = None if group is None else torch.tensor(group)
+    log_inv_tau = loss.log_inv_tau.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, y, t: torch.func.functional_call(loss, {"log_inv_tau": t}, (x, y, group)), (a, b, log_inv_tau))
+
+
 def test_hopfield_rows_without_negatives_keep_only_the_alignment_term():
     a, b = embeddings(n=5)
     loss = HopfieldLoss().double()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodality.loss import ContrastiveLoss
+from unimodality.loss import ContrastiveLoss, group_index, group_sums
 
 
 def hopfield_retrieval(state: torch.Tensor, stored: torch.Tensor, beta: float) -> torch.Tensor:
@@ -78,24 +78,46 @@ class HopfieldLoss(ContrastiveLoss):
     def inv_tau(self) -> torch.Tensor:
         return self.log_inv_tau.clamp(max=self.max_log_inv_tau).exp()
 
-    def info_loob(self, u: torch.Tensor, v: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-        """InfoLOOB of anchors ``u`` against candidates ``v``; ``positive`` is the boolean mask of pairs."""
+    def info_loob(self, u: torch.Tensor, v: torch.Tensor, index: torch.Tensor, counts: torch.Tensor,
+                  same: torch.Tensor | None) -> torch.Tensor:
+        """InfoLOOB of anchors ``u`` against candidates ``v``, pairs given by dense group ids.
+
+        Args:
+            u: ``(n, d)`` anchors.
+            v: ``(n, d)`` candidates.
+            index: ``(n,)`` dense group ids (`unimodality.loss.group_index`).
+            counts: ``(G,)`` group sizes.
+            same: ``(n, n)`` boolean mask of same-group pairs, or ``None``: each row's only positive is its
+                own column.
+        """
         inv_tau = self.inv_tau
-        k = inv_tau * u @ v.T
-        positives = (k * positive).sum(dim=1) / positive.sum(dim=1)
-        has_negative = ~positive.all(dim=1)
-        # leave-one-out: positives are out of the denominator. A row with no negatives is filled with
-        # zeros instead of -inf (a logsumexp over only -inf has NaN gradients) and its term set to 0.
-        negatives = k.masked_fill(positive, float("-inf")).masked_fill(~has_negative[:, None], 0.0)
-        negatives = torch.where(has_negative, torch.logsumexp(negatives, dim=1), torch.zeros_like(positives))
+        n = u.shape[0]
+        # the positives' mean from group sums (O(n d)); the logits only for the negatives' logsumexp
+        positives = inv_tau * (u * group_sums(v, index, len(counts))[index]).sum(dim=1) / counts[index]
+        k = (inv_tau * u) @ v.T
+        # leave-one-out: positives out of the denominator. The fills are in place and outside autograd: the
+        # product's backward does not read k, and the logsumexp's gradient is already zero at every filled
+        # entry (exp(-inf) = 0; a filled row's term is dropped by the where below), so no mask is kept for
+        # backward. A row with no negatives gets zeros, not -inf (a logsumexp over only -inf has NaN
+        # gradients); no test of whether any row is one, as that would wait for the device every step.
+        has_negative = counts[index] < n
+        with torch.no_grad():
+            if same is not None:
+                k.masked_fill_(same, float("-inf"))
+            else:
+                k.fill_diagonal_(float("-inf"))
+            k.masked_fill_(~has_negative[:, None], 0.0)
+        negatives = torch.where(has_negative, torch.logsumexp(k, dim=1), torch.zeros_like(positives))
         return (negatives - positives).mean() / inv_tau
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
         beta = self.scale_hopfield
         u_a, v_a = hopfield_retrieval(a, a, beta), hopfield_retrieval(b, a, beta)
         u_b, v_b = hopfield_retrieval(b, b, beta), hopfield_retrieval(a, b, beta)
-        positive = self.positives(group, a.shape[0], a.device)  # symmetric: serves both terms
-        return self.info_loob(u_a, v_a, positive) + self.info_loob(u_b, v_b, positive)
+        grouped = group is not None and self.use_groups
+        index, counts = group_index(group if grouped else None, a.shape[0], a.device)
+        same = index[:, None] == index[None, :] if grouped else None
+        return self.info_loob(u_a, v_a, index, counts, same) + self.info_loob(u_b, v_b, index, counts, same)
 
     def extra_metrics(self) -> dict[str, torch.Tensor]:
         return {"inv_tau": self.inv_tau.detach()}
