@@ -27,8 +27,10 @@ SUMMARY="$OUT_DIR/summary.jsonl"
 QUIET=(--trainer.enable_progress_bar false --trainer.enable_model_summary false)
 GPUS=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 ACCEL=${GPU_CHECK_ACCELERATOR:-gpu}
-if [[ $ACCEL == cpu ]]; then DEVICE=cpu; DDP_DEVICES=2; LOSS_BATCH=(256); LOSSES=(--losses clip); else
-    DEVICE=cuda; DDP_DEVICES=$(( GPUS > 0 ? GPUS : 1 )); LOSS_BATCH=(1024 4096 16384); LOSSES=(); fi
+# the losses with an anchor (the field's code to compare against); every loss at three sizes would not fit
+LOSSES=(--losses ClipLoss SigLipLoss HopfieldLoss NTXentLoss)
+if [[ $ACCEL == cpu ]]; then DEVICE=cpu; DDP_DEVICES=2; LOSS_BATCH=(256); LOSSES=(--losses ClipLoss); else
+    DEVICE=cuda; DDP_DEVICES=$(( GPUS > 0 ? GPUS : 1 )); LOSS_BATCH=(1024 4096 16384); fi
 
 step() {  # step NAME SECONDS COMMAND...: run, time, record status
     local name=$1 limit=$2

@@ -8,12 +8,11 @@ as differentiating POT's solver does, instead of the envelope gradient; DINO and
 KL per anchor against the mean target of its replicates). Both run on the same inputs
 and must agree (the script checks it).
 
-``ClipLoss``, ``SigLipLoss`` and ``NTXentLoss`` are also timed against the implementations the field uses,
-transcribed below with their source named (``ANCHORS``): open_clip's ``ClipLoss`` and ``SigLipLoss`` and
-lightly's ``NTXentLoss``,
-single process, without replicate groups (they have none). The comparison runs ours with
-``use_groups=False`` (``textbook``: the same loss, the values must agree) and ours with groups (the
-multi-positive loss) against the anchor's textbook loss.
+``ClipLoss``, ``SigLipLoss``, ``HopfieldLoss`` and ``NTXentLoss`` are also timed against the implementations
+the field uses, transcribed below with their source named (``ANCHORS``): open_clip's ``ClipLoss`` and
+``SigLipLoss``, CLOOB's loss (``HopfieldLoss``) and lightly's ``NTXentLoss``, single process, without
+replicate groups (they have none). The comparison runs ours with ``use_groups=False`` (``textbook``: the same
+loss, the values must agree) and ours with groups (the multi-positive loss) against the anchor's textbook loss.
 
 One child process per loss, batch and dimension measures every implementation: a warm-up step each;
 then memory, the rise of the process's peak resident set over one forward+backward (CPU: the kernel's
@@ -35,7 +34,8 @@ above ``--max-naive-sinkhorn`` rows.
     python benchmarks/losses.py --batch 256 1024 --dim 256 --repeats 3
     python benchmarks/losses.py --device cuda
 
-Writes ``benchmarks/results/losses.json``.
+Writes ``benchmarks/results/losses.json``, rewritten after every measurement (``"complete": false`` until the
+last), so a run stopped by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -285,9 +285,32 @@ def lightly_ntxent(loss, a, b, group):
     return F.cross_entropy(logits, labels)
 
 
+def cloob_loss(loss, a, b, group):
+    """CLOOB's ``cloob`` and ``infoLOOB_loss`` (ml-jku/cloob, src/training/methods.py; its ``hopfield`` is
+    hflayers' ``Hopfield`` without projections, written out as the repository first published it:
+    ``stored.T @ softmax(beta * stored @ state.T, dim=0)``, columns normalised)."""
+    inv_tau, beta = loss.inv_tau, loss.scale_hopfield
+
+    def hopfield(state_patterns, stored_patterns):
+        retrieved = stored_patterns.T @ torch.softmax(beta * stored_patterns @ state_patterns.T, dim=0)
+        return (retrieved / retrieved.norm(dim=0, keepdim=True)).T
+
+    def info_loob(x, y, i):
+        tau = 1 / inv_tau
+        k = x @ y.T / tau
+        positives = -torch.mean(torch.sum(k * i, dim=1))
+        arg_lse = k * torch.logical_not(i) + i * -1000.0
+        negatives = torch.mean(torch.logsumexp(arg_lse, dim=1))
+        return tau * (positives + negatives)
+
+    p_xx, p_yy, p_xy, p_yx = hopfield(a, a), hopfield(b, b), hopfield(b, a), hopfield(a, b)
+    i = torch.eye(a.shape[0], device=a.device) > 0.5
+    return info_loob(p_xx, p_xy, i) + info_loob(p_yy, p_yx, i)
+
+
 #: loss -> (anchor's name, its formula)
 ANCHORS = {"ClipLoss": ("open_clip", open_clip_loss), "SigLipLoss": ("open_clip", open_clip_siglip),
-           "NTXentLoss": ("lightly", lightly_ntxent)}
+           "HopfieldLoss": ("CLOOB", cloob_loss), "NTXentLoss": ("lightly", lightly_ntxent)}
 
 
 # -- one measurement (in a child process) -----------------------------------------------------------
@@ -462,6 +485,17 @@ def main() -> None:
         return "n/a" if t is None else f"{1e3 * t['median']:.1f} [{1e3 * t['min']:.0f}-{1e3 * t['max']:.0f}]"
 
     rows = []
+
+    def write(rows: list[dict], complete: bool) -> None:
+        # after every measurement, whole or not at all: a run stopped by a time limit keeps what it measured
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.output.with_name(args.output.name + ".partial")
+        partial.write_text(json.dumps({
+            "device": args.device, "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
+            "machine": platform.platform(), "processor": platform.processor(), "complete": complete,
+            "rows": rows}, indent=2))
+        partial.replace(args.output)
+
     print(f"device {args.device}, torch {torch.__version__}, threads {args.threads}, repeats {args.repeats}")
     print(f"{'loss':13s} {'batch':>5s} {'dim':>4s} {'ms [range]':>20s} {'vs clip':>8s} {'naive ms':>9s} "
           f"{'speedup':>8s} {'MiB':>8s} {'naive MiB':>9s} {'mem ratio':>9s}  agree")
@@ -485,6 +519,7 @@ def main() -> None:
                       f"{show(row['peak_mib'], '8.1f'):>8s} {show(row['naive_peak_mib'], '9.1f'):>9s} "
                       f"{show(row['memory_ratio'], '.2f'):>9s}  "
                       f"{'skipped' if agree is None else 'yes' if agree else 'NO'}", flush=True)
+                write(rows, complete=False)
     anchored = [r for r in rows if "anchor" in r]
     if anchored:
         print(f"\nagainst the field's implementations (ratio = ours / anchor; time: median [range] of per-round "
@@ -506,11 +541,7 @@ def main() -> None:
     print("\nspeedup = naive time / unimodality time (forward+backward); mem ratio = unimodality / naive "
           "peak memory rise; vs clip = time / ClipLoss time at the same batch and dim; textbook = ours with "
           "use_groups=False, groups = ours with replicate groups (about 4 per perturbation)")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({
-        "device": args.device, "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
-        "machine": platform.platform(), "processor": platform.processor(), "rows": rows,
-    }, indent=2))
+    write(rows, complete=True)
     print(f"wrote {args.output}")
     disagree = [r for r in rows if r["agree"] is False or ("anchor" in r and not r["anchor"]["agree"])]
     if disagree:

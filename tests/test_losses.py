@@ -193,6 +193,16 @@ def test_hopfield_retrieval_is_a_softmax_weighted_mean_of_stored_patterns():
     torch.testing.assert_close(got.norm(dim=1), torch.ones(7, dtype=torch.float64))
 
 
+def test_cross_retrieval_is_both_retrievals_between_the_modalities():
+    from unimodality.plugins.losses.hopfield import cross_retrieval
+
+    a, b = embeddings(n=7, d=5, seed=2)
+    v_a, v_b = cross_retrieval(a, b, 14.3)
+    for got, state, stored in ((v_a, b, a), (v_b, a, b)):
+        expected = reference_hopfield_retrieval(state.tolist(), stored.tolist(), 14.3)
+        torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+
+
 def test_ntxent_without_groups_is_simclr():
     """SimCLR's own form: cross entropy of each view against its partner, self excluded, over 2N rows."""
     a, b = embeddings()

@@ -20,6 +20,16 @@ def hopfield_retrieval(state: torch.Tensor, stored: torch.Tensor, beta: float) -
     return F.normalize(attention @ stored, dim=1)
 
 
+def cross_retrieval(a: torch.Tensor, b: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hopfield_retrieval(b, a, beta)`` and ``hopfield_retrieval(a, b, beta)`` from one product.
+
+    Their logits are each other's transpose, so one ``n x n`` product (and its backward) serves both.
+    """
+    logits = beta * b @ a.T
+    return (F.normalize(torch.softmax(logits, dim=1) @ a, dim=1),
+            F.normalize(torch.softmax(logits, dim=0).T @ b, dim=1))
+
+
 class HopfieldLoss(ContrastiveLoss):
     """CLOOB: InfoLOOB on patterns retrieved from modern Hopfield networks, with optional groups.
 
@@ -92,9 +102,11 @@ class HopfieldLoss(ContrastiveLoss):
         """
         inv_tau = self.inv_tau
         n = u.shape[0]
-        # the positives' mean from group sums (O(n d)); the logits only for the negatives' logsumexp
-        positives = inv_tau * (u * group_sums(v, index, len(counts))[index]).sum(dim=1) / counts[index]
         k = (inv_tau * u) @ v.T
+        if same is None:  # a row's one positive is its own column (copied: the fills below overwrite it)
+            positives = k.diagonal().clone()
+        else:  # the mean over the row's group, from group sums (O(n d), no n x n product with the mask)
+            positives = inv_tau * (u * group_sums(v, index, len(counts))[index]).sum(dim=1) / counts[index]
         # leave-one-out: positives out of the denominator. The fills are in place and outside autograd: the
         # product's backward does not read k, and the logsumexp's gradient is already zero at every filled
         # entry (exp(-inf) = 0; a filled row's term is dropped by the where below), so no mask is kept for
@@ -112,8 +124,8 @@ class HopfieldLoss(ContrastiveLoss):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
         beta = self.scale_hopfield
-        u_a, v_a = hopfield_retrieval(a, a, beta), hopfield_retrieval(b, a, beta)
-        u_b, v_b = hopfield_retrieval(b, b, beta), hopfield_retrieval(a, b, beta)
+        u_a, u_b = hopfield_retrieval(a, a, beta), hopfield_retrieval(b, b, beta)
+        v_a, v_b = cross_retrieval(a, b, beta)
         grouped = group is not None and self.use_groups
         index, counts = group_index(group if grouped else None, a.shape[0], a.device)
         same = index[:, None] == index[None, :] if grouped else None
