@@ -3,12 +3,12 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]         (default: $OUT, else benchmarks/results/gpu_check)
 #
-# Steps, each with its own time limit, none stopping the others:
+# Steps, each with its own time limit (600 s together), none stopping the others:
 #   env          nvidia-smi, torch/CUDA/Lightning/DeepSpeed versions
 #   bf16_fit     configs/clip.yaml on one GPU in bf16-mixed: finite losses, a checkpoint, predict from it
 #   ddp_fit      DDP (NCCL) on every visible GPU (one GPU: a one-process DDP run still initialises NCCL)
 #   zero2, zero3 DeepSpeed ZeRO-2 and ZeRO-3 fits, then predict from each checkpoint directory (consolidation)
-#   gradcache    peak GPU memory of a large effective batch, plain vs gradient-cached (when the option exists)
+#   gradcache    peak GPU memory of a large effective batch, plain vs gradient-cached
 #   losses       benchmarks/losses.py on the GPU: time and memory against the anchors' formulas
 # Results: OUT_DIR/summary.json (step -> status, seconds, figures), one log per step, the benchmarks' JSON.
 # Nothing is downloaded: the example data are generated, and the packages must already be installed.
@@ -88,8 +88,8 @@ step bf16_fit 90 fit bf16 --trainer.accelerator "$ACCEL" --trainer.devices 1 --t
 step ddp_fit 120 fit ddp --config "$ROOT/configs/trainer/ddp.yaml" --trainer.accelerator "$ACCEL" \
     --trainer.devices "$DDP_DEVICES" --trainer.precision bf16-mixed
 if [[ $ACCEL != cpu ]] && python -c "import deepspeed" 2>/dev/null; then
-    step zero2 100 fit zero2 --config "$ROOT/configs/trainer/deepspeed.yaml" --trainer.devices 1
-    step zero3 100 fit zero3 --config "$ROOT/configs/trainer/deepspeed_stage3.yaml" --trainer.devices 1
+    step zero2 90 fit zero2 --config "$ROOT/configs/trainer/deepspeed.yaml" --trainer.devices 1
+    step zero3 90 fit zero3 --config "$ROOT/configs/trainer/deepspeed_stage3.yaml" --trainer.devices 1
 else
     echo '{"step": "zero2", "status": "skipped: deepspeed not installed"}' >> "$SUMMARY"
     echo '{"step": "zero3", "status": "skipped: deepspeed not installed"}' >> "$SUMMARY"
@@ -99,7 +99,7 @@ if [[ -f benchmarks/gradcache.py ]]; then
 else
     echo '{"step": "gradcache", "status": "skipped: benchmarks/gradcache.py not present"}' >> "$SUMMARY"
 fi
-step losses 90 python "$ROOT/benchmarks/losses.py" --device "$DEVICE" --batch "${LOSS_BATCH[@]}" --dim 512 \
+step losses 120 python "$ROOT/benchmarks/losses.py" --device "$DEVICE" --batch "${LOSS_BATCH[@]}" --dim 512 \
     --repeats 5 --no-naive "${LOSSES[@]}" --output "$OUT_DIR/losses.json"
 
 python - "$SUMMARY" "$OUT_DIR/summary.json" <<'EOF'

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
+import subprocess
+import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -76,12 +79,23 @@ def test_methods_example_half_runs_configs_next_to_baselines(tmp_path):
 
 @pytest.mark.slow  # about 15 s: two child processes
 def test_losses_benchmark_checks_dino_and_kd_against_their_references(tmp_path):
-    import subprocess
-    import sys
-
     out = tmp_path / "losses.json"
     subprocess.run([sys.executable, str(BENCHMARKS / "losses.py"), "--losses", "DINOLoss", "KDLoss", "--batch", "32",
                     "--dim", "16", "--repeats", "1", "--output", str(out)], check=True, capture_output=True)
     rows = json.loads(out.read_text())["rows"]
     assert {r["loss"] for r in rows} == {"DINOLoss", "KDLoss"}
     assert all(r["agree"] is True and r["value"] > 0 for r in rows)
+
+
+@pytest.mark.slow  # about 90 s: two short fits (one with 2 gloo processes), the gradient-cache and loss benchmarks
+def test_gpu_check_dry_run_on_cpu_passes_every_step(tmp_path):
+    # the GPU check runs rarely, on a machine lent for minutes: its CPU dry run keeps it from breaking unseen
+    env = {**os.environ, "GPU_CHECK_ACCELERATOR": "cpu",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), str(tmp_path)], env=env, check=True,
+                   capture_output=True, timeout=900)
+    steps = {s["step"]: s["status"] for s in json.loads((tmp_path / "summary.json").read_text())}
+    assert set(steps) == {"env", "bf16_fit", "ddp_fit", "zero2", "zero3", "gradcache", "losses"}, steps
+    assert all(status == "ok" or status.startswith("skipped") for status in steps.values()), steps
+    rows = json.loads((tmp_path / "losses.json").read_text())["rows"]
+    assert rows and all(r["anchor"]["agree"] for r in rows)
