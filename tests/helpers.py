@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import traceback
@@ -15,6 +16,16 @@ from unimodality.plugins.datamodules.paired import PairedDataModule
 from unimodality.plugins.losses.clip import ClipLoss
 from unimodality.plugins.sources.anndata import AnnDataSource
 from unimodality.plugins.sources.table import TableSource
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def example_datamodule(batch_size: int = 32, **kwargs) -> PairedDataModule:

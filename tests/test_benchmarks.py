@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -13,22 +12,15 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import BENCHMARKS, load_benchmark
 
 
 @pytest.mark.slow  # about 20 s on a quiet machine: five training loops
 def test_train_overhead_breakdown_runs_every_variant_on_the_same_work(example_data_dir, tmp_path):
     out = tmp_path / "overhead.json"
     with redirect_stdout(io.StringIO()) as printed:
-        load("train_overhead").main(["--breakdown", "--epochs", "1", "--warmup", "0", "--repeats", "1",
-                                     "--hidden", "32", "--out", str(out)])
+        load_benchmark("train_overhead").main(["--breakdown", "--epochs", "1", "--warmup", "0", "--repeats", "1",
+                                               "--hidden", "32", "--out", str(out)])
     written = json.loads(out.read_text())
     summary = written["summary"] if "summary" in written else written
     variants = [v for v in summary if "ratio_vs_plain" in summary[v]]
@@ -38,7 +30,7 @@ def test_train_overhead_breakdown_runs_every_variant_on_the_same_work(example_da
 
 
 def test_methods_merge_refuses_other_folds(tmp_path):
-    methods = load("methods")
+    methods = load_benchmark("methods")
     earlier = tmp_path / "earlier.json"
     earlier.write_text(json.dumps({"folds": 3, "seed": 0, "per_fold": {"KD": []}, "seconds": {"KD": 1.0}}))
     args = methods.argparse.Namespace(merge=[earlier], folds=5, seed=0)
@@ -54,8 +46,9 @@ def test_methods_merge_refuses_other_folds(tmp_path):
 def test_methods_trains_setups_on_the_citefuse_folds(shared_data, tmp_path):
     out = tmp_path / "methods.json"
     with redirect_stdout(io.StringIO()):
-        load("methods").main(["--data", str(shared_data / "citefuse_eccite_pbmc"), "--folds", "2", "--settings",
-                              '{"max_epochs": 1}', "--methods", "ridge", "KD", "SemiClipped", "--output", str(out)])
+        load_benchmark("methods").main(["--data", str(shared_data / "citefuse_eccite_pbmc"), "--folds", "2",
+                                        "--settings", '{"max_epochs": 1}', "--methods", "ridge", "KD", "SemiClipped",
+                                        "--output", str(out)])
     summary = json.loads(out.read_text())["summary"]
     assert set(summary) == {"ridge", "KD", "SemiClipped"}
     for method in ("KD", "SemiClipped"):
@@ -67,8 +60,8 @@ def test_methods_trains_setups_on_the_citefuse_folds(shared_data, tmp_path):
 def test_methods_example_half_runs_configs_next_to_baselines(tmp_path):
     out = tmp_path / "example.json"
     with redirect_stdout(io.StringIO()):
-        load("methods").main(["--example", "--epochs", "1", "--seeds", "0", "1", "--methods", "KD", "--output",
-                              str(out)])
+        load_benchmark("methods").main(["--example", "--epochs", "1", "--seeds", "0", "1", "--methods", "KD",
+                                        "--output", str(out)])
     written = json.loads(out.read_text())
     assert set(written["summary"]) == {"ridge", "CCA", "KD"}
     # the example's tx -> ph map is close to linear: ridge is far above chance; one epoch of KD is not
