@@ -339,10 +339,18 @@ def clip_checkpoint(tmp_path_factory) -> Path:
     return next(root.rglob("last.ckpt"))
 
 
-@pytest.mark.parametrize("file, suffix", [("example://transcriptomics.h5ad", ".h5ad"),
-                                          ("example://transcriptomics.h5ad", ".parquet"),
-                                          ("example://phenomics.parquet", ".parquet")])
-def test_streaming_predict_writes_what_in_memory_predict_writes(clip_checkpoint, tmp_path, file, suffix):
+KEEP_TWO_REPLICATES = '{"include": {"replicate": [1, 3]}}'  # rows of the file left out between those kept
+
+
+@pytest.mark.parametrize("file, suffix, options", [
+    ("example://transcriptomics.h5ad", ".h5ad", None),
+    ("example://transcriptomics.h5ad", ".parquet", None),
+    ("example://phenomics.parquet", ".parquet", None),
+    ("example://transcriptomics.h5ad", ".h5ad", KEEP_TWO_REPLICATES),
+    ("example://transcriptomics.h5ad", ".parquet", KEEP_TWO_REPLICATES),
+    ("example://phenomics.parquet", ".parquet", KEEP_TWO_REPLICATES),
+], ids=["h5ad", "h5ad-parquet", "parquet", "h5ad-filtered", "h5ad-parquet-filtered", "parquet-filtered"])
+def test_streaming_predict_writes_what_in_memory_predict_writes(clip_checkpoint, tmp_path, file, suffix, options):
     from unimodality.cli import main
     from unimodality.outputs import OBSM_KEY
 
@@ -352,7 +360,11 @@ def test_streaming_predict_writes_what_in_memory_predict_writes(clip_checkpoint,
         with redirect_stdout(io.StringIO()):
             main(["predict", "--ckpt_path", str(clip_checkpoint), "--data.path", file, "--data.output",
                   str(outputs[streaming]), "--data.streaming", streaming, "--data.batch_size", "100",
-                  "--data.cache_dir", str(tmp_path / "cache"), "--trainer.enable_progress_bar", "false"])
+                  "--data.cache_dir", str(tmp_path / "cache"), "--trainer.enable_progress_bar", "false",
+                  *(() if options is None else ("--data.source_options", options))])
+    if options is not None:  # the filter kept some rows, not all: streaming must embed those rows, not the first ones
+        kept = pd.read_parquet(outputs["true"]) if suffix == ".parquet" else ad.read_h5ad(outputs["true"]).obs
+        assert set(kept["replicate"]) == {1, 3}
     if suffix == ".h5ad":
         memory, streamed = (ad.read_h5ad(outputs[s]) for s in ("false", "true"))
         np.testing.assert_allclose(streamed.obsm[OBSM_KEY], memory.obsm[OBSM_KEY], atol=1e-6)

@@ -51,19 +51,22 @@ class EmbedDataset(Dataset):
 class StreamedRows:
     """Rows of a file read from disk batch by batch (``take``), aligned by name to the model's features.
 
-    For files larger than memory: nothing but the row pointers of a CSR matrix is held.
+    For files larger than memory: nothing but the row pointers of a CSR matrix is held. Indexed like the
+    in-memory matrix it stands for: position ``i`` is file row ``rows[i]`` (the rows filters keep).
     """
 
-    def __init__(self, source: ModalitySource, store: Any, names: list[str], align_to: list[str]) -> None:
+    def __init__(self, source: ModalitySource, store: Any, names: list[str], align_to: list[str],
+                 rows: np.ndarray) -> None:
         self.source = source
         self.store = store
         self.names = names
         self.align_to = align_to
+        self.rows = rows
         # the alignment is checked (and a missing-features warning given) once, not per batch
         align_features(np.zeros((0, len(names)), np.float32), names, align_to, source.file)
 
-    def take(self, rows: np.ndarray) -> torch.Tensor:
-        unique, where = np.unique(np.asarray(rows), return_inverse=True)
+    def take(self, positions: np.ndarray) -> torch.Tensor:
+        unique, where = np.unique(self.rows[np.asarray(positions)], return_inverse=True)
         raw = self.store.read_rows(unique)
         if self.names != self.align_to:
             with warnings.catch_warnings():
@@ -199,7 +202,7 @@ class EmbedDataModule(DataModule):
                             f"{', none usable' if n_rows else ''}); nothing written")
         self._check_output_columns()
         if self.streaming:
-            features = self._streamed(entry["features"])
+            features = self._streamed(entry["features"], rows)
         else:
             features = self.source.read_features(rows, align_to=entry["features"], empty_rows="warn")
         self.dataset = EmbedDataset(name, features, rows)
@@ -242,20 +245,20 @@ class EmbedDataModule(DataModule):
                 "rename them, or write an .h5ad output"
             )
 
-    def _streamed(self, inputs: list[str]) -> StreamedRows:
+    def _streamed(self, inputs: list[str], rows: np.ndarray) -> StreamedRows:
         from unimodality.streaming import NpyStore, table_cache
 
         source = self.source
         align_to = source.matrix_part(inputs)  # metadata features are appended to the rows read (finish)
         if isinstance(source, AnnDataSource):
-            return StreamedRows(source, source.row_store(), source.feature_names(), align_to)
+            return StreamedRows(source, source.row_store(), source.feature_names(), align_to, rows)
         if isinstance(source, TableSource):
             # cache only the model's columns this file has; the others are zero-filled when aligned
             present = source._own_columns(align_to)
             if not present:
                 align_features(np.zeros((0, 0), np.float32), [], align_to, source.file)  # the no-overlap error
             store = NpyStore(table_cache(TableSource(str(source.file), features=present), self.cache_dir))
-            return StreamedRows(source, store, present, align_to)
+            return StreamedRows(source, store, present, align_to, rows)
         raise ValueError(f"data.streaming reads feature vectors; the {type(source).__name__} tower's input "
                          "is read into memory: leave data.streaming off")
 
