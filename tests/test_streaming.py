@@ -196,6 +196,42 @@ def test_the_next_buffer_is_read_ahead_and_serves_what_a_read_in_place_serves(ma
         np.testing.assert_array_equal(x, matrix_files["dense_array"][rows])
 
 
+@pytest.mark.parametrize("replicas, num_workers", [(1, 0), (2, 0), (1, 2)], ids=["one", "ddp-rank", "workers"])
+def test_streamed_predict_rows_are_read_ahead_and_are_the_rows_asked_for(matrix_files, replicas, num_workers,
+                                                                        monkeypatch):
+    """Predict's batches step through the kept rows (by one, by the processes under DDP, by the workers'
+    turns): each is read while the one before is embedded, and holds the file rows it says it holds."""
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    from unimodality.batch import INDEX, collate_batch
+    from unimodality.plugins.datamodules.embed import EmbedDataset, StreamedRows
+
+    source = AnnDataSource(str(matrix_files["csr"]), transform="none")
+    names = source.feature_names()
+    rows = np.flatnonzero(np.arange(300) % 3 != 1)  # as a filter leaves them: positions are not file rows
+    readers: list[str] = []
+    read = StreamedRows._read
+
+    def recording(self, positions):
+        readers.append(threading.current_thread().name)
+        return read(self, positions)
+
+    monkeypatch.setattr(StreamedRows, "_read", recording)
+    dataset = EmbedDataset("x", StreamedRows(source, source.row_store(), names, names, rows), rows)
+    sampler = DistributedSampler(dataset, num_replicas=replicas, rank=replicas - 1, shuffle=False)
+    loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, 16, drop_last=False),
+                        num_workers=num_workers, collate_fn=collate_batch)
+    batches = list(loader)
+    assert len(batches) == -(-len(rows) // replicas // 16)
+    for batch in batches:
+        np.testing.assert_array_equal(batch["x"].numpy(), matrix_files["dense_array"][batch[INDEX].numpy()])
+    served = np.concatenate([batch[INDEX].numpy() for batch in batches])
+    np.testing.assert_array_equal(served, rows[list(sampler)])
+    if num_workers == 0:  # the first batch read in place, every later one by the thread, none read twice
+        assert len(readers) == len(batches) and readers[0] == threading.current_thread().name, readers
+        assert all(name.startswith("unimodality-read-ahead") for name in readers[1:]), readers
+
+
 def test_a_bad_row_read_ahead_fails_when_its_buffer_is_served(tmp_path):
     """The read-ahead thread's error is raised in the training process, at the batch a read in place
     would have raised it (the batches before are served)."""
@@ -208,7 +244,7 @@ def test_a_bad_row_read_ahead_fails_when_its_buffer_is_served(tmp_path):
     dataset = data.datasets["train"]
     sampler = BufferSampler(dataset, num_replicas=1, rank=0, num_workers=0)
     first = [dataset[item] for item in list(sampler)[:6]]  # buffer 0, while buffer 1 is read ahead
-    assert len(first) == 6 and dataset._next is not None
+    assert len(first) == 6 and dataset._ahead.pending
     with pytest.raises(DataError, match=r"n\.h5ad: .*row 90"):
         dataset[list(sampler)[6]]
 

@@ -452,9 +452,11 @@ def apply_transform(matrix: Matrix, transform: str, inplace: bool = False) -> Ma
     return np.log1p(matrix).astype(np.float32)
 
 
-def align_features(matrix: Matrix, names: list[str], target: list[str], file: Path) -> Matrix:
-    """Reorder columns to ``target`` by name; target features absent from the file become zeros. The matrix
-    itself when its features already are ``target``, in order (no copy of a file's worth of rows)."""
+def align_features(matrix: Matrix, names: list[str], target: list[str], file: Path,
+                   warn_missing: bool = True) -> Matrix:
+    """Reorder columns to ``target`` by name; target features absent from the file become zeros (with a
+    warning naming them, unless ``warn_missing`` is false: a caller aligning batch after batch warns once).
+    The matrix itself when its features already are ``target``, in order (no copy of a file's worth of rows)."""
     if len(names) == len(target) and list(names) == list(target):
         return matrix
     index = pd.Index(names).get_indexer(target)
@@ -465,7 +467,7 @@ def align_features(matrix: Matrix, names: list[str], target: list[str], file: Pa
             f"was trained on (file has e.g. {names[:3]}, model expects e.g. {target[:3]})"
         )
     missing = len(target) - present.size
-    if missing:
+    if missing and warn_missing:
         warnings.warn(
             f"{file}: {missing} of the model's {len(target)} features are missing and filled with zeros "
             f"(e.g. {[target[i] for i in np.flatnonzero(index < 0)[:5]]})",

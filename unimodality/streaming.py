@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -546,6 +546,49 @@ class BufferSampler(DistributedSampler):
         # a worker whose queue ran out gets nothing more: DataLoader then asks the next worker
 
 
+class ReadAhead:
+    """One read running in a thread while the caller works on the result of the one before (cold files,
+    network file systems): the disk and the model work at the same time.
+
+    A read is known by a key; `take` returns the pending read's result when it is for that key (its error,
+    if any, raised there, where a read in place would have raised it) and otherwise reads in place. One
+    thread per process: a thread does not survive a fork, and none is pickled to a DataLoader worker.
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[Any, Future] | None = None
+        self._executor: tuple[int, ThreadPoolExecutor] | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def start(self, key: Any, read: Callable[..., Any], *args: Any) -> None:
+        """Start ``read(*args)``, the result for ``key``, in the thread (a read still pending is dropped)."""
+        self.discard()
+        if self._executor is None or self._executor[0] != os.getpid():
+            self._executor = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="unimodality-read-ahead"))
+        self._pending = (key, self._executor[1].submit(read, *args))
+
+    def take(self, key: Any, read: Callable[..., Any], *args: Any) -> Any:
+        """The result for ``key``: the pending read's if it is that one, else ``read(*args)`` now."""
+        if self._pending is not None and self._pending[0] == key:
+            future, self._pending = self._pending[1], None
+            return future.result()
+        self.discard()
+        return read(*args)
+
+    def discard(self) -> None:
+        """Drop the pending read, once it no longer runs (its store may be reused or closed next)."""
+        if self._pending is not None:
+            self._pending[1].cancel()
+            wait([self._pending[1]])
+            self._pending = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_pending": None, "_executor": None}  # a thread and its pending read stay in this process
+
+
 @dataclass
 class Partner:
     """A modality paired with the streamed one: a replicate of each example's key is drawn from it.
@@ -613,8 +656,7 @@ class StreamingDataset(Dataset):
         self._plan: tuple[int, list[np.ndarray]] | None = None
         self._buffer: tuple[tuple[int, int], dict[str, Any]] | None = None
         #: the next buffer of this process, read in a thread while the current one is served
-        self._next: tuple[tuple[int, int], Future] | None = None
-        self._reader: tuple[int, ThreadPoolExecutor] | None = None
+        self._ahead = ReadAhead()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -623,7 +665,7 @@ class StreamingDataset(Dataset):
         """Read the share of rank ``rank`` of ``world`` processes."""
         self.rank, self.world = rank, world
         self._plan = self._buffer = None
-        self._discard_next()
+        self._ahead.discard()
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         if self._plan is None or self._plan[0] != epoch:
@@ -654,7 +696,7 @@ class StreamingDataset(Dataset):
         epoch, k, j = item
         if self._buffer is None or self._buffer[0] != (epoch, k):
             self._buffer = None  # let the old buffer go before reading the next
-            self._buffer = ((epoch, k), self._take_next(epoch, k))
+            self._buffer = ((epoch, k), self._ahead.take((epoch, k), self._read_buffer, epoch, k))
             self._read_ahead(epoch, k)
         span = slice(j * self.batch_size, (j + 1) * self.batch_size)
         batch = {}
@@ -665,37 +707,13 @@ class StreamingDataset(Dataset):
                 batch[name] = take_rows(value.features, value.rows[span])
         return batch
 
-    # -- reading ahead: the disk works while batches are served (cold files, network file systems) ---------
-    def _take_next(self, epoch: int, k: int) -> dict[str, Any]:
-        """Buffer ``k``: the one read ahead if it is that one (its read's error, if any, raised now, where
-        a read in place would have raised it), else read now."""
-        if self._next is not None and self._next[0] == (epoch, k):
-            future, self._next = self._next[1], None
-            return future.result()
-        self._discard_next()
-        return self._read_buffer(epoch, k)
-
     def _read_ahead(self, epoch: int, k: int) -> None:
         """Start reading the next buffer this process serves (buffers go to DataLoader workers round-robin:
         buffer ``k + workers``): two buffers are held, the one served and the next."""
         info = torch.utils.data.get_worker_info()
         following = k + (info.num_workers if info is not None else 1)
-        if following >= len(self.plan(epoch)):
-            return
-        if self._reader is None or self._reader[0] != os.getpid():  # a thread does not survive a fork
-            self._reader = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="unimodality-read-ahead"))
-        self._next = ((epoch, following), self._reader[1].submit(self._read_buffer, epoch, following))
-
-    def _discard_next(self) -> None:
-        if self._next is not None:
-            self._next[1].cancel()
-            wait([self._next[1]])  # no read still running on the store when it is reused
-            self._next = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_next"] = state["_reader"] = None  # a thread and its pending read stay in this process
-        return state
+        if following < len(self.plan(epoch)):
+            self._ahead.start((epoch, following), self._read_buffer, epoch, following)
 
 
 @dataclass

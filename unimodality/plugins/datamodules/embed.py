@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from unimodality.plugins.sources.anndata import AnnDataSource, anndata_files
 from unimodality.plugins.sources.formats import source_for
 from unimodality.plugins.sources.table import TableSource
 from unimodality.sources import Matrix, ModalitySource, align_features
+from unimodality.streaming import NpyStore, ReadAhead, table_cache
 
 log = logging.getLogger(__name__)
 #: settings every source has: kept when a file of another format is read for a tower (see ``_source_for_file``)
@@ -52,7 +52,8 @@ class StreamedRows:
     """Rows of a file read from disk batch by batch (``take``), aligned by name to the model's features.
 
     For files larger than memory: nothing but the row pointers of a CSR matrix is held. Indexed like the
-    in-memory matrix it stands for: position ``i`` is file row ``rows[i]`` (the rows filters keep).
+    in-memory matrix it stands for: position ``i`` is file row ``rows[i]`` (the rows filters keep). While a
+    batch is embedded, the batch asked for next is read in a thread (`unimodality.streaming.ReadAhead`).
     """
 
     def __init__(self, source: ModalitySource, store: Any, names: list[str], align_to: list[str],
@@ -62,17 +63,42 @@ class StreamedRows:
         self.names = names
         self.align_to = align_to
         self.rows = rows
+        self.ahead = ReadAhead()
         # the alignment is checked (and a missing-features warning given) once, not per batch
         align_features(np.zeros((0, len(names)), np.float32), names, align_to, source.file)
 
     def take(self, positions: np.ndarray) -> torch.Tensor:
-        unique, where = np.unique(self.rows[np.asarray(positions)], return_inverse=True)
+        positions = np.asarray(positions)
+        batch = self.ahead.take(positions.tobytes(), self._read, positions)
+        following = self._following(positions)
+        if following is not None:
+            self.ahead.start(following.tobytes(), self._read, following)
+        return batch
+
+    def _read(self, positions: np.ndarray) -> torch.Tensor:
+        unique, where = np.unique(self.rows[positions], return_inverse=True)
         raw = self.store.read_rows(unique)
         if self.names != self.align_to:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                raw = align_features(raw, self.names, self.align_to, self.source.file)
+            raw = align_features(raw, self.names, self.align_to, self.source.file, warn_missing=False)
         return take_rows(self.source.finish(raw, unique, self.align_to, empty_rows="warn"), where)
+
+    def _following(self, positions: np.ndarray) -> np.ndarray | None:
+        """The positions this process (or DataLoader worker) will be asked for next, when its batches step
+        evenly through the rows as predict's do (by 1, or by the number of processes under DDP): the same
+        pattern, moved on past the batches the other workers serve in between."""
+        if len(positions) < 2:
+            return None
+        step = int(positions[1] - positions[0])
+        if step <= 0 or not np.all(np.diff(positions) == step):
+            return None
+        info = torch.utils.data.get_worker_info()
+        following = positions + step * len(positions) * (info.num_workers if info is not None else 1)
+        following = following[following < len(self.rows)]
+        return following if len(following) else None
+
+    def close(self) -> None:
+        """Let a read still running finish before the store goes."""
+        self.ahead.discard()
 
 
 class EmbedDataModule(DataModule):
@@ -246,8 +272,6 @@ class EmbedDataModule(DataModule):
             )
 
     def _streamed(self, inputs: list[str], rows: np.ndarray) -> StreamedRows:
-        from unimodality.streaming import NpyStore, table_cache
-
         source = self.source
         align_to = source.matrix_part(inputs)  # metadata features are appended to the rows read (finish)
         if isinstance(source, AnnDataSource):
@@ -282,6 +306,8 @@ class EmbedDataModule(DataModule):
                 f"got embeddings for {len(rows)} of the {len(self.dataset)} rows to embed (or other rows); "
                 "nothing written"
             )
+        if isinstance(self.dataset.features, StreamedRows):
+            self.dataset.features.close()
         self.dataset.features = None  # the rows are embedded: their matrix need not be held while writing
         metadata = self.source.read_metadata()
         if len(rows) != len(metadata) or not np.array_equal(rows, np.arange(len(rows))):
@@ -291,6 +317,8 @@ class EmbedDataModule(DataModule):
                                         copy_input=self.streaming, obs_index=isinstance(self.source, AnnDataSource))
 
     def teardown(self, stage: str) -> None:
+        if self.dataset is not None and isinstance(self.dataset.features, StreamedRows):
+            self.dataset.features.close()  # before its store is closed
         if self.source is not None:
             self.source.close()
         self.dataset = None
