@@ -351,6 +351,11 @@ def test_checkpoint_embeds_the_file_exactly_as_predict_does(lincs, tmp_path):
     from_predict = evaluate(str(predicted), embedding="X_unimodality", baselines=[], **options)
     assert from_checkpoint.loc[0, "n"] == 58 and from_checkpoint["pca"].notna().all()
     pd.testing.assert_series_equal(from_checkpoint["value"], from_predict["value"], atol=1e-5)
+    # a source filter that leaves the controls out (as a training filter recorded in a checkpoint does)
+    with pytest.raises(DataError, match=r"control value 'DMSO' is found in no row .* the checkpoint's source "
+                                        r"filters left out \d+ rows: .* set source_options \{exclude: null\}"):
+        evaluate(str(lincs), embedding=str(checkpoint), features="^(?!Metadata_)", baselines=[],
+                 source_options={"exclude": {"Metadata_broad_sample": ["DMSO"]}}, **options)
     (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match="broken.ckpt: holds objects .* is refused .* pass --trust_checkpoint true"):
         evaluate(str(lincs), embedding=str(tmp_path / "broken.ckpt"), **options)

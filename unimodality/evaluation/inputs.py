@@ -125,8 +125,10 @@ def load_dataset(
         raw = np.asarray(apply_transform(raw, features_transform), dtype=np.float64)
         is_raw = False
     vectors = np.asarray(vectors)
+    left_out = 0
     if rows is not None:  # a checkpoint's source may leave rows out (filters): they are not evaluated
-        if len(rows) < len(obs):
+        left_out = len(obs) - len(rows)
+        if left_out:
             log.warning("%s: the checkpoint's source embedded %d of %d rows; the others are left out",
                         where, len(rows), len(obs))
         obs = obs.iloc[rows]
@@ -137,7 +139,8 @@ def load_dataset(
     return LoadedDataset(
         name=name, obs=obs.reset_index(drop=True), embedding=vectors.astype(np.float64, copy=False),
         raw=None if raw is None else np.asarray(raw, dtype=np.float64), feature_names=feature_names,
-        embedding_is_raw=is_raw, origin={"input": where, "embedding": embedding, "features": features or "default"},
+        embedding_is_raw=is_raw,
+        origin={"input": where, "embedding": embedding, "features": features or "default", "left_out": left_out},
     )
 
 
@@ -305,5 +308,10 @@ def check_columns(dataset: LoadedDataset, perturbation: list[str], batch: str | 
         values = dataset.obs[column].astype(str)
         if not (values == str(control)).any():
             examples = ", ".join(repr(v) for v in pd.unique(values)[:8])
+            # a training filter that left the controls out is recorded in the checkpoint and applied here too
+            parts = dataset.origin.get("inputs", [dataset.origin])  # combined inputs: each one's origin
+            left_out = sum(part.get("left_out", 0) for part in parts)
+            filtered = (f"; the checkpoint's source filters left out {left_out} rows: if the controls are among "
+                        "them, set source_options {exclude: null}") if left_out else ""
             raise DataError(f"{dataset.origin.get('input', dataset.name)}: control value {control!r} is found in no "
-                            f"row of column {column!r} (values include {examples})")
+                            f"row of column {column!r} (values include {examples}){filtered}")
