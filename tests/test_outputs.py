@@ -206,9 +206,15 @@ def test_two_process_predict_equals_one_process(checkpoint, example_data_dir, tm
     predict(tmp_path / "one.parquet")
     predict(tmp_path / "two.parquet", "--trainer.strategy", "ddp", "--trainer.devices", "2",
             "--trainer.accelerator", "cpu")
-    one, two = pd.read_parquet(tmp_path / "one.parquet"), pd.read_parquet(tmp_path / "two.parquet")
-    assert len(two) == 101  # 101 rows over 2 processes: one padding repeat, dropped
-    pd.testing.assert_frame_equal(two.drop(columns=two.filter(like=OBSM_KEY).columns),
-                                  one.drop(columns=one.filter(like=OBSM_KEY).columns))
-    np.testing.assert_allclose(two.filter(like=OBSM_KEY).to_numpy(), one.filter(like=OBSM_KEY).to_numpy(), atol=1e-5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.parquet", "two.parquet"]
+    # streamed: each process reads its every-other rows, the next batch while one is embedded
+    predict(tmp_path / "streamed.parquet", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+            "--trainer.accelerator", "cpu", "--data.streaming", "true", "--data.cache_dir", str(tmp_path / "cache"))
+    one = pd.read_parquet(tmp_path / "one.parquet")
+    for name in ("two", "streamed"):
+        two = pd.read_parquet(tmp_path / f"{name}.parquet")
+        assert len(two) == 101  # 101 rows over 2 processes: one padding repeat, dropped
+        pd.testing.assert_frame_equal(two.drop(columns=two.filter(like=OBSM_KEY).columns),
+                                      one.drop(columns=one.filter(like=OBSM_KEY).columns))
+        np.testing.assert_allclose(two.filter(like=OBSM_KEY).to_numpy(), one.filter(like=OBSM_KEY).to_numpy(),
+                                   atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "one.parquet", "streamed.parquet", "two.parquet"]
