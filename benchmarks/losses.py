@@ -488,13 +488,14 @@ def main() -> None:
 
     def write(rows: list[dict], complete: bool) -> None:
         # after every measurement, whole or not at all: a run stopped by a time limit keeps what it measured
+        from unimodality.files import atomic_write
+
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.output.with_name(args.output.name + ".partial")
-        partial.write_text(json.dumps({
+        text = json.dumps({
             "device": args.device, "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
             "machine": platform.platform(), "processor": platform.processor(), "complete": complete,
-            "rows": rows}, indent=2))
-        partial.replace(args.output)
+            "rows": rows}, indent=2)
+        atomic_write(args.output, lambda tmp: tmp.write_text(text), suffix=".json")
 
     print(f"device {args.device}, torch {torch.__version__}, threads {args.threads}, repeats {args.repeats}")
     print(f"{'loss':13s} {'batch':>5s} {'dim':>4s} {'ms [range]':>20s} {'vs clip':>8s} {'naive ms':>9s} "
